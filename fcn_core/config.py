@@ -1,0 +1,242 @@
+"""The one typed configuration of wafer-fcn.
+
+Loaded from ``configs/*.yaml`` (plus ``key.path=value`` overrides), validated by pydantic, saved
+with every checkpoint and logged with every MLflow run. Everything that can be tuned lives here,
+including the class names and ids: no other module hard-codes them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Repository root: configs/ lives beside the packages in a checkout (editable install).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a YAML file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassSpec(_Strict):
+    id: int = Field(ge=0, le=254)
+    name: str
+    color: str = Field(description="matplotlib colour used in every picture")
+
+
+DEFAULT_CLASSES = [
+    ClassSpec(id=0, name="background", color="#d9d9d9"),
+    ClassSpec(id=1, name="ring", color="#1f77b4"),
+    ClassSpec(id=2, name="scratch", color="#d62728"),
+    ClassSpec(id=3, name="local zone", color="#ff7f0e"),
+    ClassSpec(id=4, name="circle", color="#2ca02c"),
+]
+
+
+class SynthConfig(_Strict):
+    """Knobs of the synthetic wafer generator (fcn_core.synth)."""
+
+    n_wafers: int = Field(2000, ge=1)
+    seed: int = 0
+    nights: int = Field(1, ge=1, description="spread captured_at over this many consecutive days")
+    lots: int = Field(40, ge=1, description="number of distinct lot ids")
+    size_min: int = Field(12, ge=1)
+    size_max: int = Field(96, ge=1, le=1024)
+    pattern_free_fraction: float = Field(0.2, ge=0, le=1)
+    mixed_fraction: float = Field(0.15, ge=0, le=1)
+
+
+class SplitConfig(_Strict):
+    """Deterministic split by hashing lot_id (wafer_id when no lot)."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    salt: str = "wafer-fcn"
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total}")
+        return self
+
+
+class DataConfig(_Strict):
+    source: str | None = Field(
+        None, description="Parquet file, folder or pyarrow URI of wafer-table drops; None = synthesise"
+    )
+    synth: SynthConfig = SynthConfig()
+    split: SplitConfig = SplitConfig()
+    pad_multiple: int = Field(32, ge=1, description="pad each map up to a multiple of this")
+    pad_fixed: int | None = Field(None, ge=1, description="pad every map to this square size instead")
+
+
+class ModelConfig(_Strict):
+    preset: Literal["compact", "vgg16"] = "compact"
+    geometry: Literal["aligned", "classic"] = "aligned"
+    imagenet_weights: str | None = Field(
+        None, description="local path to a torchvision VGG16 state dict (vgg16 preset only)"
+    )
+
+
+class StageConfig(_Strict):
+    epochs: int = Field(4, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class TrainConfig(_Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    class_weights: Literal["none", "auto"] | list[float] = "auto"
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+    max_wafers_per_epoch: int | None = Field(None, ge=1)
+    fcn32s: StageConfig = StageConfig()
+    fcn16s: StageConfig = StageConfig(lr=5e-4)
+    fcn8s: StageConfig = StageConfig(lr=2.5e-4)
+
+    def stage(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+
+class VerdictConfig(_Strict):
+    """Wafer-level verdict from a segmentation: which pattern dominates, if any."""
+
+    min_dies: int = Field(3, ge=1, description="a pattern needs at least this many dies")
+    min_share: float = Field(0.05, ge=0, le=1, description="...and this share of the wafer's fail dies")
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the embedded SQLite store")
+    experiment: str = "wafer-fcn"
+    registered_model: str = "wafer-fcn"
+
+
+class Config(_Strict):
+    name: str = "default"
+    home: str | None = Field(None, description="project data dir; None: $WAFER_FCN_HOME or ./var")
+    classes: list[ClassSpec] = Field(default_factory=lambda: [c.model_copy() for c in DEFAULT_CLASSES])
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    verdict: VerdictConfig = VerdictConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_are_dense(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
+        ids = [c.id for c in classes]
+        if ids != list(range(len(classes))):
+            raise ValueError(f"class ids must be 0..N-1 in order, got {ids}")
+        if classes[0].name != "background":
+            raise ValueError("class 0 must be 'background'")
+        return classes
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def home_dir(self) -> Path:
+        raw = self.home or os.environ.get("WAFER_FCN_HOME") or "var"
+        return Path(raw).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        """Explicit config > $MLFLOW_TRACKING_URI > embedded SQLite file in the home dir."""
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.home_dir / 'mlflow.db'}"  # absolute path -> four slashes
+
+    # -- I/O --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``a.b.c -> value`` view, e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                for i, v in enumerate(value):
+                    walk(f"{prefix}.{i}", v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.fcn8s.epochs=3`` -> (["train", "fcn8s", "epochs"], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    items = overrides.items() if isinstance(overrides, dict) else (
+        (".".join(p), v) for p, v in map(parse_override, overrides)
+    )
+    for dotted, value in items:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config is named (``default`` -> configs/default.yaml) or given as a path."""
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} and p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found (known: {', '.join(known)})")
+
+
+def load_config(
+    name_or_path: str | Path = "default", overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    path = resolve_config_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return Config.model_validate(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild the config saved inside a checkpoint or an MLflow run."""
+    return Config.model_validate(data)
