@@ -41,16 +41,57 @@ DEFAULT_CLASSES = [
 
 
 class SynthConfig(_Strict):
-    """Knobs of the synthetic wafer generator (fcn_core.synth)."""
+    """Knobs of the synthetic wafer generator (fcn_core.synth; measured defaults in docs/synth.md)."""
 
     n_wafers: int = Field(2000, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     nights: int = Field(1, ge=1, description="spread captured_at over this many consecutive days")
-    lots: int = Field(40, ge=1, description="number of distinct lot ids")
-    size_min: int = Field(12, ge=1)
-    size_max: int = Field(96, ge=1, le=1024)
-    pattern_free_fraction: float = Field(0.2, ge=0, le=1)
-    mixed_fraction: float = Field(0.15, ge=0, le=1)
+    wafers_per_lot: int = Field(25, ge=1, description="consecutive wafers sharing a lot (and its product)")
+    lots: int | None = Field(
+        None, ge=1, description="cap on distinct lot ids (lot ids then repeat); None: a new lot every wafers_per_lot"
+    )
+    # -- product geometry: drawn once per lot, like a fab's product mix --------------------------
+    size_min: int = Field(16, ge=1, description="grid sides are clipped to size_min..size_max")
+    size_max: int = Field(256, ge=1, le=1024)
+    size_mode: float = Field(26.0, gt=0, description="side of the high-volume product (WM-811K: 25x27, 26x26)")
+    size_mode_fraction: float = Field(0.55, ge=0, le=1, description="share of lots on that product")
+    size_median: float = Field(42.0, gt=0, description="median side sqrt(h*w) of the other products")
+    size_sigma: float = Field(0.75, ge=0, description="log-normal sigma of their excess over size_mode (the tail)")
+    aspect_scale: float = Field(0.09, ge=0, description="Laplace scale of log(width/height)")
+    flat_fraction: float = Field(0.1, ge=0, le=1, description="products with a flat (1-2 die rows cut, bottom)")
+    notch_fraction: float = Field(0.1, ge=0, le=1, description="products with a notch (bottom)")
+    skip_site_fraction: float = Field(0.12, ge=0, le=1, description="products with no-die test sites inside")
+    # -- background random failures (Poisson yield: rate grows with die area) -------------------
+    background_rate: float = Field(0.135, ge=0, lt=1, description="median inner-die fail rate of a 550-die product")
+    background_lot_sigma: float = Field(0.2, ge=0, description="log-sigma of the rate between lots")
+    background_wafer_sigma: float = Field(0.15, ge=0, description="log-sigma of the rate between wafers")
+    edge_fail_boost: float = Field(2.2, ge=1, description="median factor on the outermost dies' fail rate")
+    # -- what each wafer shows ----------------------------------------------------------------
+    pattern_free_fraction: float = Field(0.3, ge=0, le=1)
+    random_fraction: float = Field(0.2, ge=0, le=1, description="of pattern-free wafers: heavy random failure")
+    near_full_fraction: float = Field(0.05, ge=0, le=1, description="of pattern-free wafers: near-full failure")
+    mixed_fraction: float = Field(0.15, ge=0, le=1, description="of patterned wafers: two or three patterns")
+    pattern_weights: dict[str, float] = Field(
+        default_factory=lambda: {"ring": 1.0, "scratch": 1.0, "local zone": 1.0, "circle": 1.0},
+        description="relative frequency of each pattern class (by class name)",
+    )
+    ring_partial_fraction: float = Field(0.3, ge=0, le=1, description="of rings: partial edge rings")
+    ring_donut_fraction: float = Field(0.3, ge=0, le=1, description="of rings: donuts (the rest: full edge rings)")
+    local_edge_fraction: float = Field(0.55, ge=0, le=1, description="of local zones: at the edge (Edge-Loc)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SynthConfig":
+        if self.size_min > self.size_max:
+            raise ValueError(f"size_min {self.size_min} > size_max {self.size_max}")
+        if self.random_fraction + self.near_full_fraction > 1 + 1e-9:
+            raise ValueError("random_fraction + near_full_fraction must not exceed 1")
+        if self.ring_partial_fraction + self.ring_donut_fraction > 1 + 1e-9:
+            raise ValueError("ring_partial_fraction + ring_donut_fraction must not exceed 1")
+        if any(w < 0 for w in self.pattern_weights.values()):
+            raise ValueError(f"pattern_weights must be >= 0, got {self.pattern_weights}")
+        if self.pattern_free_fraction < 1 and sum(self.pattern_weights.values()) <= 0:
+            raise ValueError("pattern_weights are all zero but pattern_free_fraction < 1")
+        return self
 
 
 class SplitConfig(_Strict):

@@ -1,0 +1,138 @@
+"""Evaluation as the seed's results table: the FCN paper's four scores, twice.
+
+* on-wafer: every die on the wafer; pass dies are truth background and predicted background.
+* fail dies only: the hard part, since pass dies are background by definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from fcn_core.data import WaferSet
+from fcn_core.metrics import ConfusionMatrix, segmentation_scores
+from fcn_core.predict import batch_labels, resolve_device
+from fcn_core.table import PASS
+
+SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
+SCORE_HEADERS = ("pixel acc.", "mean acc.", "mean IU", "f.w. IU")
+STAGE_TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
+
+
+@dataclass
+class EvalScores:
+    on_wafer: dict
+    fail_only: dict
+    hist_on_wafer: np.ndarray
+    hist_fail: np.ndarray
+    n_wafers: int
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    wafers: WaferSet,
+    *,
+    n_classes: int,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    multiple: int = 32,
+    fixed: int | None = None,
+) -> EvalScores:
+    wafers.require_labels("evaluation")
+    device = resolve_device(device) if isinstance(device, str) else device
+    was_training = model.training
+    model.eval()
+    on_wafer = ConfusionMatrix(n_classes, device=device)
+    fail_only = ConfusionMatrix(n_classes, device=device)
+    for _, batch in wafers.batches(batch_size=batch_size, multiple=multiple, fixed=fixed):
+        pred = batch_labels(model, batch, device)
+        target = batch.target.to(device)  # label on fail dies, IGNORE_INDEX elsewhere
+        fail_only.update(pred, target)
+        die = torch.as_tensor(batch.die).to(device)
+        on_wafer.update(pred, torch.where(die == PASS, torch.zeros_like(target), target))
+    model.train(was_training)
+    hist_on, hist_fail = on_wafer.hist.cpu().numpy(), fail_only.hist.cpu().numpy()
+    return EvalScores(
+        on_wafer=segmentation_scores(hist_on),
+        fail_only=segmentation_scores(hist_fail),
+        hist_on_wafer=hist_on,
+        hist_fail=hist_fail,
+        n_wafers=len(wafers),
+    )
+
+
+def results_frame(scores_by_stage: dict[str, EvalScores], *, class_names: list[str]) -> pd.DataFrame:
+    """One row per stage: the four scores on-wafer and on fail dies, plus per-class IoU (fail dies)."""
+    rows = []
+    for stage, s in scores_by_stage.items():
+        row: dict[str, object] = {"model": STAGE_TITLES.get(stage, stage), "wafers": s.n_wafers}
+        for key in SCORE_KEYS:
+            row[f"{key}"] = s.on_wafer[key]
+        for key in SCORE_KEYS:
+            row[f"fail_{key}"] = s.fail_only[key]
+        for name, iou in zip(class_names, s.fail_only["iou"]):
+            row[f"iou_{name}"] = iou
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def results_markdown(scores_by_stage: dict[str, EvalScores], *, class_names: list[str]) -> str:
+    """The seed's table (scores in %), then per-class IoU, then whether 8s >= 16s >= 32s holds."""
+    head = " | ".join(SCORE_HEADERS) + " | " + " | ".join(f"{h} (fail dies)" for h in SCORE_HEADERS)
+    lines = [
+        f"| model | {head} |",
+        "| --- |" + " ---: |" * (2 * len(SCORE_KEYS)),
+    ]
+    for stage, s in scores_by_stage.items():
+        cells = [_pct(s.on_wafer[k]) for k in SCORE_KEYS] + [_pct(s.fail_only[k]) for k in SCORE_KEYS]
+        lines.append(f"| {STAGE_TITLES.get(stage, stage)} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-class IoU on fail dies (%):", "",
+              "| model | " + " | ".join(class_names) + " |", "| --- |" + " ---: |" * len(class_names)]
+    for stage, s in scores_by_stage.items():
+        lines.append(f"| {STAGE_TITLES.get(stage, stage)} | " + " | ".join(_pct(v) for v in s.fail_only["iou"]) + " |")
+    lines += ["", skip_order_sentence(scores_by_stage)]
+    return "\n".join(lines) + "\n"
+
+
+def skip_order_sentence(scores_by_stage: dict[str, EvalScores]) -> str:
+    """The paper finds 8s >= 16s >= 32s; say whether these wafers agree (fail-dies mean IU)."""
+    order = [s for s in ("fcn32s", "fcn16s", "fcn8s") if s in scores_by_stage]
+    if len(order) < 2:
+        return ""
+    values = [scores_by_stage[s].fail_only["mean_iu"] for s in order]
+    agrees = all(b >= a for a, b in zip(values, values[1:]))
+    chain = " <= ".join(f"{STAGE_TITLES[s]} {_pct(v)}" for s, v in zip(order, values))
+    verdict = "agrees with" if agrees else "does NOT agree with"
+    return f"Skip architecture (fail-dies mean IU): {chain}; this {verdict} the paper's 8s >= 16s >= 32s."
+
+
+def write_report(
+    scores_by_stage: dict[str, EvalScores], out_dir: str | Path, *, class_names: list[str]
+) -> dict[str, str]:
+    """results.md, results.csv, confusion_<stage>.png (fail dies) in ``out_dir``; returns the paths."""
+    from fcn_core.render import render_confusion
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results_md": out / "results.md", "results_csv": out / "results.csv"}
+    paths["results_md"].write_text(results_markdown(scores_by_stage, class_names=class_names))
+    results_frame(scores_by_stage, class_names=class_names).to_csv(paths["results_csv"], index=False)
+    for stage, s in scores_by_stage.items():
+        p = out / f"confusion_{stage}.png"
+        render_confusion(s.hist_fail, p, class_names=class_names)
+        paths[f"confusion_{stage}"] = p
+        np.savetxt(out / f"confusion_{stage}.csv", s.hist_fail, fmt="%d", delimiter=",",
+                   header=",".join(class_names))
+    return {k: str(v) for k, v in paths.items()}
+

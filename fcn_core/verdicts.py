@@ -1,0 +1,369 @@
+"""Wafer-level verdicts from a segmentation, and their scores against real wafer labels.
+
+A segmentation says, per fail die, which pattern it belongs to. Engineers act on wafers, so each
+wafer gets a verdict: the dies per class, the patterns present (those with at least
+``verdict.min_dies`` dies and ``verdict.min_share`` of the wafer's fail dies) and the dominant
+pattern (the present pattern with most dies, ``"none"`` when no pattern is present).
+
+Real data sets label whole wafers with their own names; ``LABEL_MAP`` translates them into this
+project's pattern names so verdicts can be scored (``verdict_scores``, ``real_eval_report``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .config import VerdictConfig
+from .table import FAIL
+
+NONE = "none"
+UNLABELLED = "(unlabelled)"  # key of wafers without a dataset label in RealEvalReport.excluded
+
+# Dataset wafer labels (WM-811K failureType, MixedWM38 columns) -> this project's pattern names.
+# None = excluded from scoring: a Near-full wafer fails almost every die, so there is no pattern
+# region to segment and no pattern the verdict could be right about.
+LABEL_MAP: dict[str, str | None] = {
+    "Center": "circle",
+    "Donut": "ring",
+    "Edge-Ring": "ring",
+    "Edge-Loc": "local zone",
+    "Loc": "local zone",
+    "Scratch": "scratch",
+    "None": NONE,
+    "Random": NONE,
+    "Near-full": None,
+}
+_LABEL_KEYS = {k.lower(): v for k, v in LABEL_MAP.items()}
+
+
+# -- label mapping ------------------------------------------------------------------------------
+def dataset_label_patterns(label: str | None) -> set[str] | None:
+    """Pattern names of a dataset label; '+' joins several (MixedWM38). None = excluded.
+
+    Unlabelled wafers (None or '') and any label containing Near-full are excluded. 'none' parts of
+    a mix are dropped (Random+Scratch is a scratch). Case-insensitive. Unknown labels raise.
+    """
+    if label is None or not label.strip():
+        return None
+    patterns: set[str] = set()
+    for part in (p.strip() for p in label.split("+")):
+        if part.lower() not in _LABEL_KEYS:
+            raise ValueError(f"unknown dataset label {part!r} (in {label!r}); known: {', '.join(LABEL_MAP)}")
+        mapped = _LABEL_KEYS[part.lower()]
+        if mapped is None:
+            return None
+        patterns.add(mapped)
+    return patterns - {NONE} if patterns != {NONE} else {NONE}
+
+
+def map_dataset_label(label: str | None) -> str | None:
+    """One dataset label -> the single pattern it means, or None when excluded from scoring.
+
+    Excluded: unlabelled, Near-full, and mixes of different patterns (no single true dominant
+    pattern). 'Donut+Edge-Ring' maps to 'ring' since both parts do.
+    """
+    patterns = dataset_label_patterns(label)
+    if patterns is None or len(patterns) != 1:
+        return None
+    return next(iter(patterns))
+
+
+def verdict_labels(class_names: Sequence[str]) -> list[str]:
+    """Labels a verdict can take: 'none' followed by the pattern classes (all but background)."""
+    return [NONE, *class_names[1:]]
+
+
+# -- verdicts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """One wafer's verdict (a row of ``WaferVerdicts``)."""
+
+    dies: dict[str, int]  # fail dies per predicted class, background included
+    fail_dies: int
+    dominant_pattern: str
+    dominant_share: float
+    patterns_present: list[str]
+
+
+@dataclass(frozen=True)
+class WaferVerdicts:
+    """Verdicts of N wafers, column by column.
+
+    ``dies[i, k]`` counts wafer i's fail dies predicted as class k (class 0 = background: fail dies
+    no pattern claims). ``dominant_share`` is the dominant pattern's share of the fail dies, 0.0
+    when the verdict is 'none'. ``patterns_present`` lists the qualifying patterns by descending
+    dies (ties: lower class id first).
+    """
+
+    class_names: list[str]
+    dies: np.ndarray  # (N, n_classes) int64
+    fail_dies: np.ndarray  # (N,) int64
+    dominant_pattern: list[str]
+    dominant_share: np.ndarray  # (N,) float64
+    patterns_present: list[list[str]] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.dominant_pattern)
+
+    def __getitem__(self, i: int) -> Verdict:
+        return Verdict(
+            dies={name: int(n) for name, n in zip(self.class_names, self.dies[i])},
+            fail_dies=int(self.fail_dies[i]),
+            dominant_pattern=self.dominant_pattern[i],
+            dominant_share=float(self.dominant_share[i]),
+            patterns_present=list(self.patterns_present[i]),
+        )
+
+    def __iter__(self) -> Iterator[Verdict]:
+        return (self[i] for i in range(len(self)))
+
+    def rows(self) -> list[Verdict]:
+        return list(self)
+
+    def columns(self) -> dict[str, list]:
+        """Column name -> values, ready for ``pa.table`` or ``pd.DataFrame`` (``dies_<class>``, …)."""
+        out: dict[str, list] = {
+            f"dies_{name.replace(' ', '_')}": self.dies[:, k].tolist() for k, name in enumerate(self.class_names)
+        }
+        out["fail_dies"] = self.fail_dies.tolist()
+        out["dominant_pattern"] = list(self.dominant_pattern)
+        out["dominant_share"] = self.dominant_share.tolist()
+        out["patterns_present"] = [list(p) for p in self.patterns_present]
+        return out
+
+    def to_pandas(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns())
+
+
+def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdict: VerdictConfig) -> WaferVerdicts:
+    """Threshold a (N, n_classes) matrix of fail dies per predicted class into verdicts."""
+    dies = np.asarray(dies, dtype=np.int64)
+    if len(class_names) < 2:
+        raise ValueError(f"class_names {list(class_names)} hold no pattern class besides background")
+    if dies.ndim != 2 or dies.shape[1] != len(class_names):
+        raise ValueError(f"dies has shape {dies.shape}, expected (N, {len(class_names)}) for classes "
+                         f"{list(class_names)}")
+    if (dies < 0).any():
+        raise ValueError("die counts cannot be negative")
+    fail = dies.sum(axis=1)
+    patterns = dies[:, 1:]
+    share = patterns / np.maximum(fail, 1)[:, None]
+    present = (patterns >= verdict.min_dies) & (share >= verdict.min_share)
+
+    # rank present patterns by dies (absent ones last); the stable sort keeps lower ids first on ties
+    order = np.argsort(-np.where(present, patterns, -1), axis=1, kind="stable")
+    rows, top = np.arange(len(dies)), order[:, 0]
+    has_pattern = present[rows, top]
+    names = np.array(class_names[1:], dtype=object)
+    dominant = np.where(has_pattern, names[top], NONE).tolist()
+    dominant_share = np.where(has_pattern, share[rows, top], 0.0).astype(np.float64)
+    ranked_present = np.take_along_axis(present, order, axis=1)
+    present_lists = [list(n[p]) for n, p in zip(names[order], ranked_present)]
+    return WaferVerdicts(list(class_names), dies, fail, dominant, dominant_share, present_lists)
+
+
+def count_fail_dies(pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *, n_classes: int) -> np.ndarray:
+    """(N, n_classes) fail dies per predicted class: one bincount over all wafers at once."""
+    if len(pred_maps) != len(die_maps):
+        raise ValueError(f"{len(pred_maps)} prediction maps but {len(die_maps)} die maps")
+    picked, owners = [], []
+    for i, (pred, die) in enumerate(zip(pred_maps, die_maps)):
+        if pred.shape != die.shape:
+            raise ValueError(f"wafer {i}: prediction {pred.shape} and die map {die.shape} differ in shape")
+        on_fail = pred[die == FAIL]
+        picked.append(on_fail)
+        owners.append(np.full(on_fail.size, i, dtype=np.int64))
+    if not picked:
+        return np.zeros((0, n_classes), dtype=np.int64)
+    labels = np.concatenate(picked).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"predicted class ids on fail dies must lie in 0..{n_classes - 1}, "
+                         f"found {labels.min()}..{labels.max()}")
+    flat = np.concatenate(owners) * n_classes + labels
+    return np.bincount(flat, minlength=len(pred_maps) * n_classes).reshape(len(pred_maps), n_classes)
+
+
+def wafer_verdicts(
+    pred_maps: Sequence[np.ndarray],
+    die_maps: Sequence[np.ndarray],
+    *,
+    class_names: Sequence[str],
+    verdict: VerdictConfig,
+) -> WaferVerdicts:
+    """Per-wafer verdicts from predicted label maps (class ids) and their die maps.
+
+    Only fail dies count: pass and no-die positions are background by definition, whatever the
+    prediction says there.
+    """
+    dies = count_fail_dies(pred_maps, die_maps, n_classes=len(class_names))
+    return verdicts_from_counts(dies, class_names=class_names, verdict=verdict)
+
+
+# -- scores ---------------------------------------------------------------------------------------
+def verdict_scores(true_patterns: Sequence[str], pred_patterns: Sequence[str], *, labels: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix.
+
+    ``confusion[i][j]`` counts wafers whose true label is ``labels[i]`` and verdict ``labels[j]``.
+    A ratio with a zero denominator (no wafer of a label, or none predicted) is 0.0, and macro-F1
+    averages over all ``labels``, so a label never seen nor predicted pulls macro-F1 down: pass
+    only the labels you mean to score.
+    """
+    labels = list(labels)
+    if len(set(labels)) != len(labels) or not labels:
+        raise ValueError(f"labels must be distinct and non-empty, got {labels}")
+    if len(true_patterns) != len(pred_patterns):
+        raise ValueError(f"{len(true_patterns)} true labels but {len(pred_patterns)} predictions")
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({x for x in (*true_patterns, *pred_patterns) if x not in index})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among {labels}")
+    k = len(labels)
+    t = np.fromiter((index[x] for x in true_patterns), dtype=np.int64, count=len(true_patterns))
+    p = np.fromiter((index[x] for x in pred_patterns), dtype=np.int64, count=len(pred_patterns))
+    cm = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    n = int(cm.sum())
+    return {
+        "n": n,
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1.mean()),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "labels": labels,
+        "confusion": cm.tolist(),
+        "per_label": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i]), "predicted": int(predicted[i])}
+            for i, name in enumerate(labels)
+        },
+    }
+
+
+# -- real-data report -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RealEvalReport:
+    """Verdicts scored against dataset labels, as numbers, tables and Markdown."""
+
+    scores: dict  # verdict_scores(...) on the wafers kept
+    table: pd.DataFrame  # per label + accuracy + macro avg rows (classification-report layout), CSV-ready
+    confusion: pd.DataFrame  # rows: true label, columns: verdict
+    by_dataset_label: pd.DataFrame  # rows: original dataset label, columns: verdict counts + hit rate
+    excluded: dict[str, int]  # original label (or UNLABELLED) -> wafers left out
+    markdown: str
+
+    def metrics(self, prefix: str = "real_") -> dict[str, float]:
+        """Flat metric names for MLflow: accuracy, macro_f1, recall/precision/f1 per label."""
+        out = {f"{prefix}accuracy": self.scores["accuracy"], f"{prefix}macro_f1": self.scores["macro_f1"],
+               f"{prefix}n_wafers": float(self.scores["n"])}
+        for name, s in self.scores["per_label"].items():
+            key = name.replace(" ", "_")
+            for what in ("recall", "precision", "f1"):
+                out[f"{prefix}{what}_{key}"] = s[what]
+        return out
+
+
+def _markdown_table(df: pd.DataFrame, *, index_name: str) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    header = [index_name, *map(str, df.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx), *(fmt(v) for v in row.tolist())]) + " |")
+    return "\n".join(lines)
+
+
+def real_eval_report(
+    dataset_labels: Sequence[str | None],
+    pred_patterns: Sequence[str],
+    *,
+    labels: Sequence[str],
+    title: str = "Wafer verdicts on real maps",
+) -> RealEvalReport:
+    """Score verdicts (``dominant_pattern`` per wafer) against the datasets' own wafer labels.
+
+    ``dataset_labels`` are raw labels ('Edge-Ring', 'None', 'Center+Scratch', …), mapped with
+    ``map_dataset_label``; wafers that map to None (Near-full, unlabelled, multi-pattern mixes) are
+    left out and counted in ``excluded``. ``labels`` is the label order, normally
+    ``verdict_labels(cfg.class_names)``.
+    """
+    if len(dataset_labels) != len(pred_patterns):
+        raise ValueError(f"{len(dataset_labels)} dataset labels but {len(pred_patterns)} predictions")
+    labels = list(labels)
+    missing = sorted({v for v in LABEL_MAP.values() if v is not None} - set(labels))
+    if missing:
+        raise ValueError(f"LABEL_MAP targets {missing}, which are not among the verdict labels {labels}; "
+                         "the class names in the config must match the mapping")
+    mapped = [map_dataset_label(x) for x in dataset_labels]
+    keep = [i for i, m in enumerate(mapped) if m is not None]
+    excluded = Counter(UNLABELLED if not dataset_labels[i] else str(dataset_labels[i])
+                       for i, m in enumerate(mapped) if m is None)
+    true = [mapped[i] for i in keep]
+    pred = [pred_patterns[i] for i in keep]
+    scores = verdict_scores(true, pred, labels=labels)
+
+    per = scores["per_label"]
+    table = pd.DataFrame(
+        [{"label": n, "precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "support": s["support"],
+          "predicted": s["predicted"]} for n, s in per.items()]
+        + [{"label": "accuracy", "precision": np.nan, "recall": np.nan, "f1": scores["accuracy"],
+            "support": scores["n"], "predicted": scores["n"]},
+           {"label": "macro avg", "precision": scores["macro_precision"], "recall": scores["macro_recall"],
+            "f1": scores["macro_f1"], "support": scores["n"], "predicted": scores["n"]}]
+    )
+    confusion = pd.DataFrame(scores["confusion"], index=pd.Index(labels, name="true"),
+                             columns=pd.Index(labels, name="verdict"))
+
+    raw_kept = [str(dataset_labels[i]) for i in keep]
+    by_raw = pd.crosstab(pd.Series(raw_kept, name="dataset label"), pd.Series(pred, name="verdict"))
+    by_raw = by_raw.reindex(columns=labels, fill_value=0)
+    hits = pd.Series([t == p for t, p in zip(true, pred)], dtype=float)
+    by_raw["n"] = by_raw[labels].sum(axis=1)
+    by_raw["expected"] = [map_dataset_label(x) for x in by_raw.index]
+    by_raw["hit_rate"] = hits.groupby(pd.Series(raw_kept)).mean().reindex(by_raw.index).to_numpy()
+    by_raw = by_raw.sort_values("n", ascending=False)
+
+    shown = table.set_index("label").astype(object).where(table.set_index("label").notna(), "")
+    excluded_text = ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())) or "none"
+    markdown = "\n\n".join([
+        f"### {title}",
+        f"{scores['n']} wafers scored: accuracy **{scores['accuracy']:.3f}**, macro-F1 "
+        f"**{scores['macro_f1']:.3f}** over {', '.join(labels)}. Left out: {excluded_text}.",
+        _markdown_table(shown, index_name="label"),
+        "Confusion (rows: mapped dataset label, columns: verdict):",
+        _markdown_table(confusion, index_name="true \\ verdict"),
+        "By original dataset label:",
+        _markdown_table(by_raw, index_name="dataset label"),
+    ]) + "\n"
+    return RealEvalReport(scores, table, confusion, by_raw, dict(excluded), markdown)
+
+
+def miss_examples(
+    true_patterns: Sequence[str | None],
+    pred_patterns: Sequence[str],
+    *,
+    max_pairs: int = 6,
+    per_pair: int = 4,
+    seed: int = 0,
+) -> list[tuple[str, str, list[int]]]:
+    """The most frequent (true, verdict) confusions with a few sample wafer indices each, for
+    pictures of typical misses. None true labels (excluded wafers) are skipped."""
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for i, (t, p) in enumerate(zip(true_patterns, pred_patterns)):
+        if t is not None and t != p:
+            pairs.setdefault((t, p), []).append(i)
+    rng = np.random.default_rng(seed)
+    ranked = sorted(pairs.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_pairs]
+    return [(t, p, sorted(rng.choice(idx, size=min(per_pair, len(idx)), replace=False).tolist()))
+            for (t, p), idx in ranked]

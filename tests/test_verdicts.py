@@ -1,0 +1,209 @@
+"""Wafer-level verdicts, dataset label mapping and verdict scores (hand-computed examples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fcn_core.config import DEFAULT_CLASSES, VerdictConfig
+from fcn_core.verdicts import (
+    LABEL_MAP,
+    UNLABELLED,
+    count_fail_dies,
+    dataset_label_patterns,
+    map_dataset_label,
+    miss_examples,
+    real_eval_report,
+    verdict_labels,
+    verdict_scores,
+    verdicts_from_counts,
+    wafer_verdicts,
+)
+
+CLASSES = [c.name for c in DEFAULT_CLASSES]  # background, ring, scratch, local zone, circle
+LABELS = verdict_labels(CLASSES)
+REAL_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wm811k-val.parquet"
+
+
+def counts(*rows: list[int]) -> np.ndarray:
+    return np.array(rows, dtype=np.int64)
+
+
+# -- verdicts ------------------------------------------------------------------------------------
+def test_verdict_labels_put_none_first() -> None:
+    assert LABELS == ["none", "ring", "scratch", "local zone", "circle"]
+
+
+def test_min_dies_threshold_is_inclusive() -> None:
+    v = verdicts_from_counts(counts([0, 3, 0, 0, 0], [0, 2, 0, 0, 0]), class_names=CLASSES,
+                             verdict=VerdictConfig(min_dies=3, min_share=0.0))
+    assert v.dominant_pattern == ["ring", "none"]
+    assert v.patterns_present == [["ring"], []]
+    assert v.dominant_share.tolist() == [1.0, 0.0]
+
+
+def test_min_share_threshold_is_inclusive() -> None:
+    # 3 of 60 fail dies is exactly 5 %; 3 of 61 is just under
+    v = verdicts_from_counts(counts([57, 0, 3, 0, 0], [58, 0, 3, 0, 0]), class_names=CLASSES,
+                             verdict=VerdictConfig(min_dies=1, min_share=0.05))
+    assert v.dominant_pattern == ["scratch", "none"]
+    assert v.dominant_share[0] == pytest.approx(0.05)
+
+
+def test_no_fail_dies_means_none() -> None:
+    v = verdicts_from_counts(counts([0, 0, 0, 0, 0]), class_names=CLASSES,
+                             verdict=VerdictConfig(min_dies=1, min_share=0.0))
+    assert (v.dominant_pattern, v.patterns_present, v.fail_dies.tolist()) == (["none"], [[]], [0])
+    assert v.dominant_share.tolist() == [0.0]
+
+
+def test_background_dies_do_not_win_but_dilute_the_share() -> None:
+    # 100 fail dies no pattern claims: 4 ring dies are 4 %, under the 5 % share
+    v = verdicts_from_counts(counts([96, 4, 0, 0, 0]), class_names=CLASSES, verdict=VerdictConfig())
+    assert v.dominant_pattern == ["none"]
+
+
+def test_ties_go_to_the_lower_class_id_and_present_is_ranked_by_dies() -> None:
+    v = verdicts_from_counts(counts([0, 5, 5, 0, 9], [0, 0, 6, 6, 0], [0, 4, 0, 7, 7]), class_names=CLASSES,
+                             verdict=VerdictConfig(min_dies=3, min_share=0.0))
+    assert v.dominant_pattern == ["circle", "scratch", "local zone"]
+    assert v.patterns_present == [["circle", "ring", "scratch"], ["scratch", "local zone"],
+                                  ["local zone", "circle", "ring"]]
+    assert v[0].dominant_share == pytest.approx(9 / 19)
+    assert v[0].dies == {"background": 0, "ring": 5, "scratch": 5, "local zone": 0, "circle": 9}
+    assert [r.dominant_pattern for r in v] == v.dominant_pattern and len(v.rows()) == 3
+
+
+def test_wafer_verdicts_count_only_fail_dies() -> None:
+    die = np.array([[0, 1, 2, 2],
+                    [1, 2, 2, 2],
+                    [0, 2, 1, 0]], dtype=np.uint8)
+    pred = np.array([[1, 1, 1, 1],  # off-wafer and pass predictions must not count
+                     [2, 1, 1, 0],
+                     [4, 3, 3, 4]], dtype=np.uint8)
+    empty = np.zeros((2, 2), np.uint8)
+    v = wafer_verdicts([pred, empty], [die, np.ones((2, 2), np.uint8)], class_names=CLASSES,
+                       verdict=VerdictConfig(min_dies=2, min_share=0.3))
+    assert v.dies.tolist() == [[1, 4, 0, 1, 0], [0, 0, 0, 0, 0]]
+    assert v.fail_dies.tolist() == [6, 0]
+    assert v.dominant_pattern == ["ring", "none"]
+    assert v.to_pandas().columns.tolist() == [
+        "dies_background", "dies_ring", "dies_scratch", "dies_local_zone", "dies_circle",
+        "fail_dies", "dominant_pattern", "dominant_share", "patterns_present"]
+
+
+def test_vectorised_counts_match_a_plain_loop() -> None:
+    rng = np.random.default_rng(3)
+    dies, preds = [], []
+    for _ in range(40):
+        h, w = rng.integers(1, 30, size=2)
+        dies.append(rng.integers(0, 3, size=(h, w)).astype(np.uint8))
+        preds.append(rng.integers(0, 5, size=(h, w)).astype(np.uint8))
+    want = np.array([[int(((d == 2) & (p == k)).sum()) for k in range(5)] for d, p in zip(dies, preds)])
+    np.testing.assert_array_equal(count_fail_dies(preds, dies, n_classes=5), want)
+    assert count_fail_dies([], [], n_classes=5).shape == (0, 5)
+
+
+def test_verdict_inputs_are_checked() -> None:
+    d = np.full((2, 2), 2, np.uint8)
+    with pytest.raises(ValueError, match="class ids on fail dies must lie in 0..4, found 0..255"):
+        wafer_verdicts([np.array([[0, 1], [2, 255]], np.uint8)], [d], class_names=CLASSES, verdict=VerdictConfig())
+    with pytest.raises(ValueError, match=r"wafer 0: prediction \(2, 3\) and die map \(2, 2\)"):
+        wafer_verdicts([np.zeros((2, 3), np.uint8)], [d], class_names=CLASSES, verdict=VerdictConfig())
+    with pytest.raises(ValueError, match="2 prediction maps but 1 die maps"):
+        wafer_verdicts([d, d], [d], class_names=CLASSES, verdict=VerdictConfig())
+    with pytest.raises(ValueError, match=r"expected \(N, 5\)"):
+        verdicts_from_counts(np.zeros((2, 4)), class_names=CLASSES, verdict=VerdictConfig())
+
+
+# -- label mapping ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label, pattern", [
+    ("Center", "circle"), ("Donut", "ring"), ("Edge-Ring", "ring"), ("Edge-Loc", "local zone"),
+    ("Loc", "local zone"), ("Scratch", "scratch"), ("None", "none"), ("none", "none"), ("Random", "none"),
+    ("Near-full", None), (None, None), ("", None),
+    ("Donut+Edge-Ring", "ring"),  # both parts are rings
+    ("Random+Scratch", "scratch"),  # a 'none' part does not hide a pattern
+    ("Center+Scratch", None),  # two different patterns: no single dominant truth
+    ("Edge-Loc+Near-full", None),
+])
+def test_map_dataset_label(label: str | None, pattern: str | None) -> None:
+    assert map_dataset_label(label) == pattern
+
+
+def test_label_map_targets_are_class_names_and_unknown_labels_raise() -> None:
+    assert {v for v in LABEL_MAP.values() if v} <= set(LABELS)
+    assert dataset_label_patterns("Center+Loc+Random") == {"circle", "local zone"}
+    with pytest.raises(ValueError, match="unknown dataset label 'Spiral'"):
+        map_dataset_label("Center+Spiral")
+
+
+@pytest.mark.skipif(not REAL_VAL.exists(), reason="real WM-811K validation maps not present")
+def test_label_map_covers_every_label_of_the_real_set() -> None:
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(REAL_VAL, columns=["wafer_label"]).column("wafer_label").to_pylist()
+    mapped = [map_dataset_label(x) for x in labels]  # raises on any label the map does not know
+    assert sum(m is None for m in mapped) == labels.count("Near-full")
+    assert set(mapped) - {None} == set(LABELS)
+
+
+# -- scores ------------------------------------------------------------------------------------------
+def test_verdict_scores_hand_computed() -> None:
+    true = ["a", "a", "b", "b", "c"]
+    pred = ["a", "b", "b", "b", "a"]
+    s = verdict_scores(true, pred, labels=["a", "b", "c"])
+    assert s["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    a, b, c = (s["per_label"][k] for k in "abc")
+    assert (a["precision"], a["recall"], a["f1"]) == pytest.approx((1 / 2, 1 / 2, 1 / 2))
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (c["precision"], c["recall"], c["f1"], c["support"], c["predicted"]) == (0.0, 0.0, 0.0, 1, 0)
+    assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert s["n"] == 5 and s["labels"] == ["a", "b", "c"]
+
+
+def test_verdict_scores_perfect_and_unseen_label() -> None:
+    s = verdict_scores(["x", "y"], ["x", "y"], labels=["x", "y", "z"])
+    assert s["accuracy"] == 1.0
+    assert s["macro_f1"] == pytest.approx(2 / 3)  # z never seen nor predicted counts as 0
+    with pytest.raises(ValueError, match=r"labels \['q'\] are not among"):
+        verdict_scores(["x"], ["q"], labels=["x", "y"])
+    with pytest.raises(ValueError, match="2 true labels but 1 predictions"):
+        verdict_scores(["x", "y"], ["x"], labels=["x", "y"])
+
+
+def test_real_eval_report_maps_excludes_and_tabulates() -> None:
+    raw = ["Edge-Ring", "Donut", "Center", "Near-full", "None", "Random", "Scratch", "Loc", "Edge-Loc", None]
+    pred = ["ring", "none", "circle", "ring", "none", "scratch", "scratch", "local zone", "ring", "none"]
+    r = real_eval_report(raw, pred, labels=LABELS)
+    assert r.excluded == {"Near-full": 1, UNLABELLED: 1}
+    assert r.scores["n"] == 8
+    assert r.scores["accuracy"] == pytest.approx(5 / 8)
+    assert r.confusion.loc["ring", "none"] == 1 and r.confusion.loc["none", "scratch"] == 1
+    assert r.by_dataset_label.loc["Donut", "hit_rate"] == 0.0
+    assert r.by_dataset_label.loc["Edge-Ring", "hit_rate"] == 1.0
+    assert r.table["label"].tolist() == [*LABELS, "accuracy", "macro avg"]
+    macro = r.table.set_index("label").loc["macro avg", "f1"]
+    assert macro == pytest.approx(r.scores["macro_f1"])
+    assert f"{r.scores['macro_f1']:.3f}" in r.markdown and "| local zone |" in r.markdown
+    m = r.metrics()
+    assert m["real_accuracy"] == pytest.approx(5 / 8) and "real_recall_local_zone" in m
+    pd.testing.assert_frame_equal(pd.read_csv(pd.io.common.StringIO(r.table.to_csv(index=False))), r.table,
+                                  check_dtype=False)
+
+
+def test_real_eval_report_needs_matching_class_names() -> None:
+    with pytest.raises(ValueError, match=r"LABEL_MAP targets \['circle'\]"):
+        real_eval_report(["Center"], ["none"], labels=["none", "ring", "scratch", "local zone", "blob"])
+
+
+def test_miss_examples_rank_confusions() -> None:
+    true = ["ring", "ring", "ring", "circle", None, "none"]
+    pred = ["none", "none", "ring", "ring", "ring", "none"]
+    out = miss_examples(true, pred, per_pair=1)
+    assert out[0][:2] == ("ring", "none") and out[0][2][0] in (0, 1)
+    assert out[1] == ("circle", "ring", [3])
+    assert len(out) == 2
