@@ -48,7 +48,7 @@ class SynthConfig(_Strict):
     nights: int = Field(1, ge=1, description="spread captured_at over this many consecutive days")
     wafers_per_lot: int = Field(25, ge=1, description="consecutive wafers sharing a lot (and its product)")
     lots: int | None = Field(
-        None, ge=1, description="cap on distinct lot ids (lot ids then repeat); None: a new lot every wafers_per_lot"
+        None, ge=1, description="cap on distinct lot ids (they then repeat); None: a new lot every wafers_per_lot"
     )
     # -- product geometry: drawn once per lot, like a fab's product mix --------------------------
     size_min: int = Field(16, ge=1, description="grid sides are clipped to size_min..size_max")
@@ -56,13 +56,13 @@ class SynthConfig(_Strict):
     size_mode: float = Field(26.0, gt=0, description="side of the high-volume product (WM-811K: 25x27, 26x26)")
     size_mode_fraction: float = Field(0.55, ge=0, le=1, description="share of lots on that product")
     size_median: float = Field(42.0, gt=0, description="median side sqrt(h*w) of the other products")
-    size_sigma: float = Field(0.75, ge=0, description="log-normal sigma of their excess over size_mode (the tail)")
+    size_sigma: float = Field(0.75, ge=0, description="log-sigma of their excess over size_mode (the tail)")
     aspect_scale: float = Field(0.09, ge=0, description="Laplace scale of log(width/height)")
     flat_fraction: float = Field(0.1, ge=0, le=1, description="products with a flat (1-2 die rows cut, bottom)")
     notch_fraction: float = Field(0.1, ge=0, le=1, description="products with a notch (bottom)")
     skip_site_fraction: float = Field(0.12, ge=0, le=1, description="products with no-die test sites inside")
     # -- background random failures (Poisson yield: rate grows with die area) -------------------
-    background_rate: float = Field(0.135, ge=0, lt=1, description="median inner-die fail rate of a 550-die product")
+    background_rate: float = Field(0.135, ge=0, lt=1, description="median inner-die fail rate, 550-die product")
     background_lot_sigma: float = Field(0.2, ge=0, description="log-sigma of the rate between lots")
     background_wafer_sigma: float = Field(0.15, ge=0, description="log-sigma of the rate between wafers")
     edge_fail_boost: float = Field(2.2, ge=1, description="median factor on the outermost dies' fail rate")
@@ -76,7 +76,7 @@ class SynthConfig(_Strict):
         description="relative frequency of each pattern class (by class name)",
     )
     ring_partial_fraction: float = Field(0.3, ge=0, le=1, description="of rings: partial edge rings")
-    ring_donut_fraction: float = Field(0.3, ge=0, le=1, description="of rings: donuts (the rest: full edge rings)")
+    ring_donut_fraction: float = Field(0.3, ge=0, le=1, description="of rings: donuts (rest: full edge rings)")
     local_edge_fraction: float = Field(0.55, ge=0, le=1, description="of local zones: at the edge (Edge-Loc)")
 
     @model_validator(mode="after")

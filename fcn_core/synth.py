@@ -4,7 +4,7 @@ Model, top-down:
 
 - A **lot** (``wafers_per_lot`` consecutive wafers) runs one *product*: grid size, wafer outline
   (an ellipse filling the grid, optional flat/notch, optional no-die test sites), background fail
-  rate and test night are drawn once per lot, as in a fab, and cached per call.
+  rate and test night are drawn once per lot, as in a fab.
 - A **wafer** gets Bernoulli background fails (inner rate from a Poisson yield model, higher on the
   outermost dies), then either nothing more (clean, heavy-random or near-full: label ``none``) or
   one to three patterns: ring (full/partial edge ring, donut), scratch (thin straight/curved lines
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from fcn_core.config import DEFAULT_CLASSES, ClassSpec, SynthConfig
-from fcn_core.table import FAIL, NO_DIE, PASS, make_table
+from fcn_core.table import FAIL, PASS, make_table
 
 # The generator's pattern kinds, by class name; ids always come from the class list.
 RING, SCRATCH, LOCAL, CIRCLE = "ring", "scratch", "local zone", "circle"
@@ -95,11 +95,14 @@ def _make_product(lot: int, *, seed: int, synth: SynthConfig, start_date: date) 
     rng = np.random.default_rng([seed, _LOT_STREAM, lot])
     h, w = _draw_size(rng, synth)
     # The wafer fills the grid: an ellipse (dies are not square) with its centre up to 0.3 die off
-    # the grid centre and a radius 0.97-1.0 of the half side, never leaving a border row empty.
+    # the grid centre and a radius 0.97-1.0 of the half side, grown where needed so that every
+    # border row and column keeps a die (as on every real map).
     dy, dx = rng.uniform(-0.3, 0.3, 2)
-    scale = rng.uniform(0.97, 1.005)
-    scale = max(scale, 1 - (1 - 2 * abs(dy)) / h + 1e-6, 1 - (1 - 2 * abs(dx)) / w + 1e-6)
     cy, cx = (h - 1) / 2 + dy, (w - 1) / 2 + dx
+    ey, ex = abs(cy - round(cy)), abs(cx - round(cx))  # nearest die row/column to the centre
+    scale = max(rng.uniform(0.97, 1.005),
+                np.hypot(((h - 1) / 2 + abs(dy)) / (h / 2), ex / (w / 2)) + 1e-9,
+                np.hypot(((w - 1) / 2 + abs(dx)) / (w / 2), ey / (h / 2)) + 1e-9)
     ry, rx = h / 2 * scale, w / 2 * scale
     rows = (np.arange(h) - cy) / ry
     cols = (np.arange(w) - cx) / rx
@@ -125,14 +128,17 @@ def _make_product(lot: int, *, seed: int, synth: SynthConfig, start_date: date) 
     inner_rate = float(1 - np.exp(-lam))
     # The edge effect is relatively stronger on products with many small dies (real: 1.9x -> 3.8x).
     edge_boost = float(synth.edge_fail_boost * (n_dies / _REF_DIES) ** 0.3 * np.exp(rng.normal(0, 0.25)))
+    # Lots start 18:00-21:00 on one of the nights and take at most 2.5 hours, so every capture stays
+    # on its night's date: `nights` nights give `nights` capture dates (ingest partitions).
     night = int(rng.integers(synth.nights))
     start = datetime.combine(start_date, time(18, 0), tzinfo=timezone.utc) + timedelta(
-        days=night, minutes=int(rng.integers(0, 10 * 60))
+        days=night, minutes=int(rng.integers(0, 3 * 60))
     )
     return _Product(
-        height=h, width=w, template=flat_mask.astype(np.uint8) * PASS, sites=sites, slot=slot, u=u, v=v,
-        r=np.hypot(u, v), theta=np.arctan2(v, u), depth=depth2d.ravel()[sites], centre=(cy, cx),
-        radii=(ry, rx), die_radius=float(np.sqrt(ry * rx)), inner_rate=inner_rate, edge_boost=max(edge_boost, 1.0), start=start,
+        height=h, width=w, template=flat_mask.astype(np.uint8) * PASS, sites=sites, slot=slot,
+        u=u, v=v, r=np.hypot(u, v), theta=np.arctan2(v, u), depth=depth2d.ravel()[sites],
+        centre=(cy, cx), radii=(ry, rx), die_radius=float(np.sqrt(ry * rx)),
+        inner_rate=inner_rate, edge_boost=max(edge_boost, 1.0), start=start,
     )
 
 
@@ -148,7 +154,7 @@ def _skip_sites(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     keep = (offsets[None, :] < lengths[:, None]) & (cols < w)
     skip = np.zeros_like(mask)
     skip[np.broadcast_to(rows[:, None], cols.shape)[keep], cols[keep]] = True
-    return skip & mask
+    return skip & (_depth(mask) >= 2)  # inside: the outline stays intact
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -161,7 +167,8 @@ def _wrap(angle: np.ndarray | float) -> np.ndarray | float:
     return (angle + np.pi) % _TWO_PI - np.pi
 
 
-def _wobble(rng: np.random.Generator, theta: np.ndarray, amplitude: float, orders: Sequence[int] = (2, 3, 5)) -> np.ndarray:
+def _wobble(rng: np.random.Generator, theta: np.ndarray, amplitude: float,
+            orders: Sequence[int] = (2, 3, 5)) -> np.ndarray:
     """1 + a smooth random function of the angle: ragged, non-circular outlines."""
     out = np.ones_like(theta)
     for k in orders:
@@ -179,6 +186,12 @@ def _smooth_field(rng: np.random.Generator, g: _Product, *, cells: int) -> np.nd
     top = coarse[iy, ix] * (1 - tx) + coarse[iy, ix + 1] * tx
     bottom = coarse[iy + 1, ix] * (1 - tx) + coarse[iy + 1, ix + 1] * tx
     return top * (1 - ty) + bottom * ty
+
+
+def _disc_points(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """A point uniform over the centred disc of this (normalised) radius."""
+    r, a = radius * np.sqrt(rng.random()), rng.uniform(0, _TWO_PI)
+    return r * np.cos(a), r * np.sin(a)
 
 
 def _fire(rng: np.random.Generator, prob: np.ndarray) -> np.ndarray:
@@ -236,10 +249,15 @@ def _donut(rng: np.random.Generator, g: _Product) -> np.ndarray:
     du, dv = g.u - ox, g.v - oy
     rr, th = np.hypot(du, dv), np.arctan2(dv, du)
     inner = rng.uniform(0.15, 0.45)
-    outer = min(inner + max(rng.uniform(0.15, 0.45), 2.5 / g.die_radius), 0.9)
+    if rng.random() < 0.15:  # a thin circle of fails, a die or two wide
+        outer = inner + 1.5 / g.die_radius
+    else:
+        outer = min(inner + max(rng.uniform(0.15, 0.45), 2.5 / g.die_radius), 0.9)
     mid = (inner + outer) / 2 * _wobble(rng, th, 0.12)
     half = (outer - inner) / 2
-    prob = rng.uniform(0.7, 1.0) * _sigmoid((half - np.abs(rr - mid)) / rng.uniform(0.015, 0.05))
+    prob = rng.uniform(0.75, 1.0) * _sigmoid((half - np.abs(rr - mid)) / rng.uniform(0.015, 0.05))
+    patchy = rng.uniform(0, 0.5)  # real donuts are often denser in some stretches than in others
+    prob = prob * (1 - patchy + patchy * _smooth_field(rng, g, cells=int(rng.integers(3, 7))))
     if rng.random() < 0.5:  # an arc, not the whole band
         arc = rng.uniform(0.4, 0.9) * np.pi
         prob = prob * _sigmoid((arc - np.abs(_wrap(th - rng.uniform(0, _TWO_PI)))) / 0.25)
@@ -305,11 +323,19 @@ def _scratch(rng: np.random.Generator, g: _Product) -> np.ndarray:
     us, vs = [], []
     n_lines = 1 + int(rng.random() < 0.25)
     for _ in range(n_lines):
-        start_r, start_a = np.sqrt(rng.uniform(0.0, 0.85)), rng.uniform(0, _TWO_PI)
-        u0, v0 = start_r * np.cos(start_a), start_r * np.sin(start_a)
-        heading = rng.uniform(0, _TWO_PI)
-        length = rng.uniform(0.3, 1.6)
-        bend = 0.0 if rng.random() < 0.4 else rng.normal(0, 1.2)  # curvature, 1/wafer radius
+        # Most real scratches run in from the rim (handling damage); the others start anywhere.
+        # Either way they head for a point of the inner wafer, so they cross dies, not the rim.
+        if rng.random() < 0.6:
+            a0 = rng.uniform(0, _TWO_PI)
+            (u0, v0) = 0.97 * np.cos(a0), 0.97 * np.sin(a0)
+        else:
+            (u0, v0) = _disc_points(rng, 0.9)
+        (u1, v1) = _disc_points(rng, 0.6)
+        heading = np.arctan2(v1 - v0, u1 - u0) + rng.normal(0, 0.3)
+        length = max(rng.uniform(0.3, 1.5), 5 / g.die_radius)
+        # curvature in 1/wafer radius; turning at most ~140 degrees end to end
+        bend = 0.0 if rng.random() < 0.4 else float(np.clip(rng.normal(0, 1.0), -2.5 / length,
+                                                            2.5 / length))
         s = np.arange(0, length, step)
         head = heading + bend * s + np.cumsum(rng.normal(0, 0.02, s.size))
         pu = u0 + np.cumsum(np.cos(head)) * step
@@ -356,8 +382,8 @@ def _pattern(rng: np.random.Generator, kind: str, g: _Product, s: SynthConfig) -
 
 
 def _wafer(rng: np.random.Generator, g: _Product, s: SynthConfig, weights: np.ndarray,
-           ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One wafer: (fail mask, label over on-wafer dies, pattern kinds drawn)."""
+           ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One wafer: (fail mask, label) over the product's on-wafer dies."""
     kinds: list[str] = []
     if rng.random() < s.pattern_free_fraction:
         u = rng.random()
@@ -373,7 +399,8 @@ def _wafer(rng: np.random.Generator, g: _Product, s: SynthConfig, weights: np.nd
         if rng.random() < s.mixed_fraction:
             n_kinds = 2 + int(rng.random() < 0.15)
         n_kinds = min(n_kinds, int((weights > 0).sum()))
-        chosen = {PATTERN_KINDS[i] for i in rng.choice(len(PATTERN_KINDS), n_kinds, replace=False, p=weights)}
+        picks = rng.choice(len(PATTERN_KINDS), n_kinds, replace=False, p=weights)
+        chosen = {PATTERN_KINDS[i] for i in picks}
         kinds = [k for k in DRAW_ORDER if k in chosen]
     fail = _fire(rng, rate)
     label = np.zeros(g.sites.size, np.uint8)
@@ -381,7 +408,7 @@ def _wafer(rng: np.random.Generator, g: _Product, s: SynthConfig, weights: np.nd
         hit = _pattern(rng, kind, g, s)
         fail |= hit
         label[hit] = ids[kind]
-    return fail, label, kinds
+    return fail, label
 
 
 def pattern_ids(classes: Sequence[ClassSpec] | None = None) -> dict[str, int]:
@@ -396,7 +423,8 @@ def pattern_ids(classes: Sequence[ClassSpec] | None = None) -> dict[str, int]:
 def _pattern_weights(s: SynthConfig) -> np.ndarray:
     unknown = sorted(set(s.pattern_weights) - set(PATTERN_KINDS))
     if unknown:
-        raise ValueError(f"pattern_weights has unknown pattern names {unknown}; known: {list(PATTERN_KINDS)}")
+        raise ValueError(f"pattern_weights has unknown pattern names {unknown}; "
+                         f"known: {list(PATTERN_KINDS)}")
     w = np.array([float(s.pattern_weights.get(k, 0.0)) for k in PATTERN_KINDS])
     return w / w.sum() if w.sum() > 0 else w
 
@@ -431,15 +459,15 @@ def generate_wafers(
     weights = _pattern_weights(s)
     names_by_id = {i: k for k, i in ids.items()}
     day0 = start_date or DEFAULT_START_DATE
-    products: dict[int, _Product] = {}
+    spacing_s = min(150.0, 9000.0 / s.wafers_per_lot)
+    lot, g = -1, None  # a lot's wafers are consecutive: keep only the current product in memory
     wafer_ids, lot_ids, times, die_maps, label_maps, wafer_labels = [], [], [], [], [], []
     for index in range(start_index, start_index + n):
-        lot = lot_number(index, s)
-        g = products.get(lot)
-        if g is None:
-            g = products[lot] = _make_product(lot, seed=seed, synth=s, start_date=day0)
+        if lot_number(index, s) != lot or g is None:
+            lot = lot_number(index, s)
+            g = _make_product(lot, seed=seed, synth=s, start_date=day0)
         rng = np.random.default_rng([seed, _WAFER_STREAM, index])
-        fail, label, _ = _wafer(rng, g, s, weights, ids)
+        fail, label = _wafer(rng, g, s, weights, ids)
         die = g.template.copy()
         die[g.sites[fail]] = FAIL
         lab = np.zeros(g.height * g.width, np.uint8)
@@ -448,9 +476,8 @@ def generate_wafers(
         wafer_labels.append("+".join(names_by_id[int(i)] for i in sorted(present)) or NONE_LABEL)
         wafer_ids.append(f"syn-{seed}-{index:07d}")
         lot_ids.append(f"syn-{seed}-lot{lot:06d}")
-        slot = index % s.wafers_per_lot + index // (s.wafers_per_lot * s.lots) * s.wafers_per_lot if s.lots \
-            else index % s.wafers_per_lot
-        times.append(g.start + timedelta(seconds=150 * slot + int(rng.integers(0, 60))))
+        slot = index % s.wafers_per_lot  # lot order, a wafer every 2.5 minutes (less for huge lots)
+        times.append(g.start + timedelta(seconds=slot * spacing_s + int(rng.integers(0, 60))))
         die_maps.append(die.reshape(g.height, g.width))
         label_maps.append(lab.reshape(g.height, g.width))
     return make_table(wafer_ids=wafer_ids, die_maps=die_maps, label_maps=label_maps, lot_ids=lot_ids,
