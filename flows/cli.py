@@ -331,5 +331,280 @@ def prediction_maps(source: str, wafers: pa.Table) -> list[np.ndarray | None]:
     return maps
 
 
+# -- predict ---------------------------------------------------------------------------------------
+@app.command()
+def predict(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(metavar="IN.parquet", help="Wafer table to score (file, folder or URI).")],
+    dest: Annotated[str, typer.Argument(metavar="OUT.parquet", help="Predictions table to write (atomically).")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", show_default=False,
+        help="models:/wafer-fcn@champion (default), models:/NAME/VERSION, runs:/ID/model or a checkpoint .pt"
+    )] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Wafers per forward pass.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Score a wafer table: one predictions row per valid wafer.
+
+    Columns: wafer_id, lot_id, captured_at, height, width, pred_map (label_map layout; pass and
+    no-die positions are background), dies per pattern, fail_dies, yield, dominant_pattern (or
+    'none') and its share, model_name, model_version. Invalid rows are reported, not scored.
+    Uses the same code as the nightly-inference flow and the same tracking store as `make demo`.
+    """
+    from fcn_core.predict import resolve_device, score_table
+    from fcn_core.validate import validate_table
+    from tasks import tracking
+
+    cfg = command_config(ctx, config, overrides)
+    table = read_wafer_table(source)
+    try:
+        result = validate_table(table, n_classes=cfg.n_classes)
+    except WaferTableError as exc:
+        fail(f"{source}: {exc}")
+    if result.n_quarantined:
+        console.print(counts_table(f"{result.n_quarantined:,} invalid rows (not scored)", result.counts))
+    uri = model or f"models:/{cfg.tracking.registered_model}@champion"
+    dev = resolve_device(device)
+    try:
+        net, name, version = tracking.load_model_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
+    except (LookupError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
+        scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
+                             batch_size=batch_size, device=dev)
+    write_parquet_atomic(scored, dest)
+    patterns = scored.column("dominant_pattern").value_counts().to_pylist()
+    console.print(_pattern_table(patterns))
+    console.print(f"scored {scored.num_rows:,} wafers ({result.n_quarantined:,} invalid) with {name} v{version} "
+                  f"->  {dest}")
+
+
+def _pattern_table(value_counts: list[dict]) -> Table:
+    table = Table(title="wafers per dominant pattern", title_justify="left")
+    table.add_column("pattern")
+    table.add_column("wafers", justify="right")
+    for row in sorted(value_counts, key=lambda r: -r["counts"]):
+        table.add_row(str(row["values"]), f"{row['counts']:,}")
+    return table
+
+
+# -- orchestration: train, nightly, demo, stack ---------------------------------------------------
+def _prefect_env(cfg: Config) -> None:
+    """Embedded defaults: Prefect's state lives in the project home, no analytics (offline machines).
+
+    Must run before prefect is imported; a user's own PREFECT_HOME / PREFECT_API_URL win.
+    """
+    os.environ.setdefault("PREFECT_HOME", str(cfg.home_dir / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # its SQLite lives here
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import logging
+
+    # MLflow's per-run INFO lines (system-metrics monitor start/stop, pickle advice) drown the results.
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+
+def _run_flow(run) -> dict:
+    """Call a flow in this process; a failed flow becomes a one-line error, not a traceback."""
+    from prefect.exceptions import FailedRun
+
+    try:
+        return run()
+    except FailedRun as exc:
+        fail(str(exc))
+
+
+def _run_train(cfg_name: str, overrides: list[str], source: str | None) -> dict:
+    from flows.params import TrainParams
+    from flows.train_fcn import train_fcn
+
+    return _run_flow(lambda: train_fcn(TrainParams(config=cfg_name, overrides=overrides, source=source)))
+
+
+def _print_training(cfg: Config, result: dict, seconds: float) -> None:
+    results_md = Path(result["run_dir"]) / "evaluation" / "results.md"
+    if results_md.exists():
+        from rich.markdown import Markdown
+
+        console.print(Markdown(results_md.read_text()))
+    score = result["candidate_score"]
+    champion = result["champion_score"]
+    console.print(
+        f"registered [bold]{result['registered_model']} v{result['registered_version']}[/bold] "
+        f"({result['stage']}, test mean IU on fail dies {score:.4f}) as [bold]{result['alias']}[/bold]"
+        + (f" (champion re-scored {champion:.4f})" if champion is not None else "")
+        + f" in {seconds:.0f} s")
+    console.print(f"MLflow run {result['mlflow_run_id']}: browse with\n"
+                  f"  mlflow ui --backend-store-uri {cfg.tracking_uri}")
+
+
+def _config_name(ctx: typer.Context, config: str | None) -> tuple[str, list[str]]:
+    state = ctx.find_object(CliState) or CliState()
+    return config or state.config, list(state.overrides)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    source: Annotated[str | None, typer.Option(
+        "--source", show_default=False,
+        help="Wafer-table drops to train on (file, folder or URI); default: data.source, else synthetic.")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Run the train-fcn flow here (Prefect's embedded API unless PREFECT_API_URL is set).
+
+    ingest -> preprocess/split -> FCN-32s -> FCN-16s -> FCN-8s -> evaluate -> register in MLflow
+    (alias champion if at least as good as the current champion on this run's test split).
+    """
+    import time
+
+    cfg = command_config(ctx, config, overrides)
+    _prefect_env(cfg)
+    name, global_overrides = _config_name(ctx, config)
+    t0 = time.perf_counter()
+    result = _run_train(name, [*global_overrides, *(overrides or [])], source)
+    _print_training(cfg, result, time.perf_counter() - t0)
+
+
+def _run_nightly(cfg_name: str, overrides: list[str], source: str | None, task_runner: str) -> dict:
+    from flows.nightly_inference import nightly_inference
+    from flows.params import NightlyParams
+
+    params = NightlyParams(config=cfg_name, overrides=overrides, source=source, task_runner=task_runner)
+    result = _run_flow(lambda: nightly_inference(params))
+    if not isinstance(result, dict):  # a Failed state returned by the flow (e.g. no champion yet)
+        fail(getattr(result, "message", None) or str(result))
+    return result
+
+
+def _print_nightly(result: dict) -> None:
+    console.print(f"nightly-inference with {result['model']}: {result['wafers_scored']:,} wafers scored in "
+                  f"{len(result['scored_partitions'])} partition(s), {len(result['skipped'])} already up to date")
+    for date, out in sorted(result["outputs"].items()):
+        console.print(f"  {date}: {out}")
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command()
+def nightly(
+    ctx: typer.Context,
+    source: Annotated[str | None, typer.Option(
+        "--source", show_default=False, help="Ingest these drops first (file, folder or URI).")] = None,
+    task_runner: Annotated[str, typer.Option("--task-runner", help="threads or dask")] = "threads",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Run the nightly-inference flow here: score curated partitions not scored yet with the champion."""
+    cfg = command_config(ctx, config, overrides)
+    _prefect_env(cfg)
+    name, global_overrides = _config_name(ctx, config)
+    _print_nightly(_run_nightly(name, [*global_overrides, *(overrides or [])], source, task_runner))
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """The whole product on embedded defaults: train on synthetic wafers, register, score a new night.
+
+    1. train-fcn flow: synthesise wafers, ingest, train FCN-32s -> 16s -> 8s, evaluate, register.
+    2. A fresh synthetic night lands in <home>/drops and the nightly-inference flow scores it.
+    3. Pictures of that night's predictions, and where to look next (MLflow UI, Parquet files).
+    """
+    import time
+
+    from fcn_core.render import render_wafers
+    from fcn_core.synth import generate_wafers
+
+    cfg = command_config(ctx, config, overrides)
+    _prefect_env(cfg)
+    name, global_overrides = _config_name(ctx, config)
+    all_overrides = [*global_overrides, *(overrides or [])]
+    console.rule(f"[bold]1/3 train-fcn[/bold] (config {cfg.name}, home {cfg.home_dir})")
+    t0 = time.perf_counter()
+    trained = _run_train(name, all_overrides, None)
+    _print_training(cfg, trained, time.perf_counter() - t0)
+
+    console.rule("[bold]2/3 nightly-inference[/bold] on a new synthetic night")
+    one_night = cfg.data.synth.model_copy(update={"nights": 1})
+    night = generate_wafers(200, seed=cfg.data.synth.seed + 7919, synth=one_night, classes=cfg.classes,
+                            start_date=_today())
+    night = night.set_column(0, "wafer_id", pa.array([f"night-{_today()}-{i:05d}" for i in range(night.num_rows)]))
+    drop = write_parquet_atomic(night, cfg.home_dir / "drops" / f"night-{_today()}.parquet")
+    scored = _run_nightly(name, all_overrides, drop, "threads")
+    _print_nightly(scored)
+
+    console.rule("[bold]3/3 results[/bold]")
+    out = cfg.home_dir / "demo"
+    pred_path = scored["outputs"].get(str(_today()))
+    if pred_path:
+        preds = read_parquet(pred_path)
+        chosen = night.slice(0, 8)
+        picture = render_wafers(chosen, out / "night_predictions.png", classes=cfg.classes,
+                                predictions=prediction_maps(pred_path, chosen), ncols=2)
+        counts = preds.column("dominant_pattern").value_counts().to_pylist()
+        console.print(_pattern_table(counts))
+        console.print(f"picture of 8 wafers (die map | truth | prediction): {picture}")
+    console.print(f"results table: {Path(trained['run_dir']) / 'evaluation' / 'results.md'}")
+    console.print(f"MLflow UI:      mlflow ui --backend-store-uri {cfg.tracking_uri}   (or: make stack-up)")
+    console.print("score a file:   .venv/bin/wafer-fcn predict IN.parquet OUT.parquet")
+
+
+def _today():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).date()
+
+
+stack_app = typer.Typer(help="The local stack: Prefect server + process work pool + worker + MLflow UI.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+def stack_up_command(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option("--port", help="Prefect server port [default: 4200 or a free one].",
+                                             show_default=False)] = None,
+    mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="MLflow UI port.")] = 5000,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Start Prefect server on 127.0.0.1, the work pool, `prefect deploy --all`, a worker and the MLflow UI.
+
+    PIDs and logs go to <home>/stack/. Then: `prefect deployment run train-fcn/train-fcn`.
+    """
+    cfg = command_config(ctx, config, overrides)
+    _prefect_env(cfg)
+    from flows.stack import StackError, stack_up
+
+    try:
+        info = stack_up(home=cfg.home_dir, port=port, mlflow_port=mlflow_port, echo=console.print)
+    except StackError as exc:
+        fail(str(exc))
+    for key in ("prefect_ui", "mlflow_ui", "tracking_uri", "work_pool", "stack_dir"):
+        console.print(f"{key:13} {info[key]}")
+    exports = " ".join(f"{k}={v}" for k, v in info["env"].items())
+    console.print(f"\nexport {exports}\nprefect deployment run train-fcn/train-fcn")
+
+
+@stack_app.command("down")
+def stack_down_command(ctx: typer.Context, config: ConfigOption = None, overrides: SetOption = None) -> None:
+    """Stop the local stack started by `stack up` (worker first, then MLflow UI, then the server)."""
+    cfg = command_config(ctx, config, overrides)
+    from flows.stack import StackError, stack_down
+
+    try:
+        stack_down(home=cfg.home_dir, echo=console.print)
+    except StackError as exc:
+        fail(str(exc))
+
+
 if __name__ == "__main__":
     app()

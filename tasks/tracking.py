@@ -91,7 +91,14 @@ def _is_not_found(exc: MlflowException) -> bool:
 def _activate(tracking_uri: str) -> None:
     """Point the process-wide MLflow URI (used by mlflow.pytorch and models:/ resolution) here."""
     if mlflow.get_tracking_uri() != tracking_uri:
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI, which Config.tracking_uri prefers: restore
+        # it so a later config with another home in this process is not sent to this store.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _sqlite_db_path(tracking_uri: str) -> Path | None:

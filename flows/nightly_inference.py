@@ -1,0 +1,151 @@
+"""Flow ``nightly-inference``: score the curated partitions not scored yet with the champion model.
+
+    prefect deployment run nightly-inference/nightly-inference          (scheduled 02:00 daily)
+
+1. Load ``models:/wafer-fcn@champion`` (none yet: the run fails with one clear sentence); with
+   ``params.source``, ingest those drops into the curated store first (cached by content).
+2. Compare every date partition's part files with the watermark (``<home>/predictions/_watermark.json``):
+   never scored -> score it; new part files since -> score only those; nothing new -> skip.
+3. ``score_partition`` per partition, fanned out on threads or Dask (``params.task_runner``),
+   each writing ``<home>/predictions/date=YYYY-MM-DD/predictions.parquet`` atomically; the
+   watermark is updated after each one, so an interrupted night loses nothing and a re-run
+   scores nothing twice.
+4. A Markdown summary artifact (patterns, yield loss by lot, jump warnings) and a table artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from fcn_core.config import Config
+from fcn_core.ingest import list_partitions
+from flows.params import NightlyParams
+from flows.steps import ingest_drops
+from tasks import tracking
+from tasks.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
+from tasks.runtime import make_task_runner
+from tasks.scoring import file_exists, part_files, predictions_path, remember_model, score_partition
+from tasks.watermark import WATERMARK_NAME, Watermark
+
+__all__ = ["NightlyParams", "nightly_inference"]
+
+
+def predictions_root(cfg: Config) -> Path:
+    return cfg.home_dir / "predictions"
+
+
+@flow(name="score-partitions")
+def score_partitions(*, config: dict, plans: list[dict], curated_root: str, predictions_root: str,
+                     model_name: str, model_version: str, run_ids: dict[str, str], chunk_rows: int) -> dict:
+    """Fan ``score_partition`` out over ``plans``; record each success in the watermark as it lands.
+
+    Runs as a subflow so the nightly flow can pick its task runner per run (threads or Dask).
+    """
+    log = get_run_logger()
+    watermark = Watermark.load(Path(predictions_root) / WATERMARK_NAME)
+    futures = {
+        score_partition.submit(config=config, date=p["date"], curated_root=curated_root, parts=p["parts"],
+                               action=p["action"], predictions_root=predictions_root, model_name=model_name,
+                               model_version=model_version, run_ids=run_ids, chunk_rows=chunk_rows): p["date"]
+        for p in plans
+    }
+    done, failed = [], {}
+    for future in as_completed(list(futures)):
+        date = futures[future]
+        try:
+            result = future.result()
+        except Exception as exc:  # the other partitions still count; this one is retried next run
+            failed[date] = f"{type(exc).__name__}: {exc}"
+            log.error("partition %s not scored: %s", date, failed[date])
+            continue
+        watermark.record(date, parts=result["parts"], replace=result["action"] == "full", output=result["output"],
+                         rows=result["rows"], model_name=model_name, model_version=model_version,
+                         flow_run_id=run_ids.get("flow_run_id"))
+        watermark.save()
+        done.append(result)
+    return {"done": sorted(done, key=lambda r: r["date"]), "failed": failed}
+
+
+def _summary(cfg: Config, params: NightlyParams, results: list[dict], model: str) -> tuple[str, list[dict], list[str]]:
+    dates = [r["date"] for r in results]
+    root = str(predictions_root(cfg))
+    tonight = read_predictions(root, dates, class_names=cfg.class_names)
+    earlier = sorted({d for day in dates for d in trailing_window(day)} - set(dates))
+    history = read_predictions(root, earlier, class_names=cfg.class_names)
+    summary = summarise_night(
+        tonight, history, class_names=cfg.class_names, wafers_scored=sum(r["scored"] for r in results),
+        rule=JumpRule(factor=params.jump_factor, min_increase=params.jump_min_increase,
+                      min_wafers=params.jump_min_wafers))
+    rows = summary.yield_loss_by_lot.round(6).to_dict(orient="records")
+    return summary.to_markdown(model=model, flow_run=flow_run.get_id()), rows, summary.warnings
+
+
+@flow(name="nightly-inference", log_prints=True)
+def nightly_inference(params: NightlyParams = NightlyParams()):
+    """Score new curated partitions with the champion model; idempotent and resumable."""
+    log = get_run_logger()
+    cfg = params.load()
+    curated_root = params.curated_root or str(cfg.home_dir / "curated")
+    out_root = str(predictions_root(cfg))
+    try:
+        model, name, version = tracking.load_champion(cfg)
+    except tracking.NoChampionError as exc:
+        log.error("%s", exc)
+        return Failed(message=str(exc))  # a clear failed state, not a traceback
+    remember_model(cfg.tracking_uri, name, version, model)
+    if params.source:  # production rows are scored whatever their quality share: no gate here
+        ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
+        log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],
+                 ingested["rows_quarantined"])
+    model_run_id = tracking.configure(cfg).get_model_version(name, version).run_id or ""
+
+    watermark = Watermark.load(Path(out_root) / WATERMARK_NAME)
+    dates = list_partitions(curated_root)
+    if params.dates is not None:
+        dates = [d for d in dates if d in set(params.dates)]
+    plans = [watermark.plan(d, part_files(curated_root, d), output_exists=file_exists(predictions_path(out_root, d)))
+             for d in dates]
+    todo = [p for p in plans if p.action != "skip"]
+    for p in plans:
+        log.info("partition %s: %s (%s)", p.date, p.action, p.reason)
+    if not todo:
+        log.info("nothing to score: %d partition(s) up to date with the watermark", len(plans))
+        return {"model": f"{name}/{version}", "scored_partitions": [], "wafers_scored": 0, "failed": {},
+                "skipped": [p.date for p in plans], "outputs": {}, "warnings": []}
+
+    runner = make_task_runner(params.task_runner, dask_address=params.dask_address, dask_workers=params.parallelism)
+    outcome = score_partitions.with_options(task_runner=runner)(
+        config=cfg.to_dict(), plans=[{"date": p.date, "action": p.action, "parts": list(p.parts)} for p in todo],
+        curated_root=curated_root, predictions_root=out_root, model_name=name, model_version=str(version),
+        run_ids={"model_run_id": model_run_id, "flow_run_id": flow_run.get_id() or ""},
+        chunk_rows=params.chunk_rows)
+    done, failed = outcome["done"], outcome["failed"]
+
+    if done:
+        markdown, rows, warnings = _summary(cfg, params, done, model=f"{name}/{version}")
+        for w in warnings:
+            log.warning("%s", w)
+        create_markdown_artifact(key="nightly-inference-summary", markdown=markdown,
+                                 description="Nightly inference: patterns, yield loss by lot, jump warnings")
+        if rows:
+            create_table_artifact(key="nightly-yield-loss-by-lot", table=rows,
+                                  description="Mean share of on-wafer dies lost to each pattern, per lot")
+    else:
+        warnings = []
+    if failed:
+        return Failed(message=f"{len(failed)} partition(s) not scored (retried next run): "
+                              + "; ".join(f"{d}: {why}" for d, why in sorted(failed.items())))
+    return {"model": f"{name}/{version}", "scored_partitions": [r["date"] for r in done],
+            "wafers_scored": sum(r["scored"] for r in done), "failed": failed,
+            "skipped": [p.date for p in plans if p.action == "skip"],
+            "outputs": {r["date"]: r["output"] for r in done}, "warnings": warnings}
+
+
+if __name__ == "__main__":
+    nightly_inference()

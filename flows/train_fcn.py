@@ -1,0 +1,157 @@
+"""Flow ``train-fcn``: ingest -> validate/quarantine -> preprocess/split -> FCN-32s -> FCN-16s -> FCN-8s
+-> evaluate -> register.
+
+    prefect deployment run train-fcn/train-fcn -p params='{"config": "tiny"}'
+
+MLflow: one parent run per flow run, a nested run per stage (ids passed into the tasks). Prefect:
+a table artifact with the results table and a Markdown artifact linking the MLflow run.
+Training, evaluation and registration hold one slot of the global concurrency limit
+``params.gpu_limit`` (created with one slot if missing): one training per GPU at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+
+from fcn_core.config import Config
+from fcn_core.evaluate import STAGE_TITLES
+from fcn_core.train import STAGES
+from flows.params import TrainParams
+from flows.steps import ingest_drops
+from tasks import tracking
+from tasks.data import snapshot_splits, synthesise_drop
+from tasks.runtime import ensure_concurrency_limit
+from tasks.training import evaluate_stages, register_task, train_stage_task
+
+__all__ = ["TrainParams", "train_fcn"]
+
+
+def _with_source(cfg: Config, source: str | None) -> Config:
+    if source is None:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+
+
+def choose_stage(results: dict[str, dict]) -> str:
+    """The stage to register: best validation mean IU (fail dies); ties go to the finer stage."""
+    def key(stage: str) -> tuple[float, int]:
+        score = results[stage]["best_val_mean_iu"]
+        return (score if score is not None and math.isfinite(score) else -math.inf, STAGES.index(stage))
+    return max(results, key=key)
+
+
+def _results_markdown(cfg: Config, *, parent_run_id: str, registration: dict, evaluation: dict,
+                      chosen: str) -> str:
+    url = tracking.run_url(cfg, parent_run_id)
+    link = f"[{parent_run_id}]({url})" if url else f"`{parent_run_id}`"
+    lines = [
+        f"# train-fcn: {registration['name']} v{registration['version']} -> `{registration['alias']}`",
+        "",
+        f"- MLflow run: {link} (tracking store `{cfg.tracking_uri}`)",
+        f"- Registered stage: {STAGE_TITLES.get(chosen, chosen)}, model `{registration['model_uri']}`",
+        f"- Test mean IU (fail dies): candidate {registration['candidate_score']:.4f}, champion "
+        + ("n/a (first version or unloadable)" if registration["champion_score"] is None
+           else f"v{registration['previous_champion_version']} re-scored {registration['champion_score']:.4f}"),
+    ]
+    if not url:
+        lines.append(f"- Browse it with `mlflow ui --backend-store-uri {cfg.tracking_uri}` "
+                     "(or `make stack-up`), then open the `wafer-fcn` experiment.")
+    md_path = evaluation["paths"].get("results_md")
+    if md_path and Path(md_path).exists():
+        lines += ["", "## Test split", "", Path(md_path).read_text()]
+    return "\n".join(lines) + "\n"
+
+
+def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run_dir: Path) -> dict[str, dict]:
+    """FCN-32s -> 16s -> 8s, each from the previous stage's best checkpoint, each in its own MLflow run."""
+    results: dict[str, dict] = {}
+    init = None
+    for stage in STAGES:
+        stage_run = tracking.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
+        status = "FAILED"
+        try:
+            results[stage] = train_stage_task(
+                config=cfg.to_dict(), stage=stage, train_path=paths["train"], val_path=paths["val"],
+                out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
+            status = "FINISHED"
+        finally:
+            tracking.end_run(client, stage_run, status)
+        init = results[stage]["best_checkpoint"]
+    return results
+
+
+@flow(name="train-fcn", log_prints=True)
+def train_fcn(params: TrainParams = TrainParams()) -> dict:
+    """Train FCN-32s -> 16s -> 8s on the curated store, evaluate on its test split, register the model."""
+    log = get_run_logger()
+    cfg = _with_source(params.load(), params.source)
+    home = cfg.home_dir
+    curated_root = home / "curated"
+    run_dir = home / "runs" / (flow_run.get_id() or uuid.uuid4().hex)
+    log.info("config %s, home %s, run folder %s", cfg.name, home, run_dir)
+
+    # data: drops -> curated store -> this run's frozen train/val/test snapshot
+    source = cfg.data.source or synthesise_drop(
+        synth=cfg.data.synth.model_dump(mode="json"), classes=[c.model_dump(mode="json") for c in cfg.classes],
+        drops_dir=str(home / "drops"))
+    data = ingest_drops(cfg, source=source, curated_root=curated_root,
+                        max_quarantined_share=params.max_quarantined_share)
+    snap = snapshot_splits(curated_root=str(curated_root), out_dir=str(run_dir / "data"),
+                           pad_multiple=cfg.data.pad_multiple, pad_fixed=cfg.data.pad_fixed)
+    paths = snap["paths"]
+
+    client = tracking.configure(cfg)
+    parent = tracking.start_parent_run(client, cfg, data_fingerprint=tracking.data_fingerprint(list(paths.values())))
+    client.set_tag(parent, "prefect.flow_run_id", flow_run.get_id() or "")
+    for split, n in snap["counts"].items():
+        client.log_metric(parent, f"data/{split}_wafers", n)
+    client.log_metric(parent, "data/rows_quarantined", data["rows_quarantined"])
+
+    # GPU work: one training per GPU at a time
+    status = "FAILED"
+    try:
+        ensure_concurrency_limit(params.gpu_limit)
+        with concurrency(params.gpu_limit, occupy=1):
+            results = train_stages(cfg, client=client, parent=parent, paths=paths, run_dir=run_dir)
+            chosen = choose_stage(results)
+            evaluation = evaluate_stages(
+                config=cfg.to_dict(), checkpoints={s: r["best_checkpoint"] for s, r in results.items()},
+                test_path=paths["test"], out_dir=str(run_dir / "evaluation"),
+                histories=[h for r in results.values() for h in r["history"]], parent_run_id=parent,
+                model_stage=chosen)
+            registration = register_task(
+                config=cfg.to_dict(), parent_run_id=parent, checkpoint=results[chosen]["best_checkpoint"],
+                candidate_score=evaluation["scores"][chosen]["fail_only"]["mean_iu"], test_path=paths["test"])
+        status = "FINISHED"
+    finally:
+        tracking.end_run(client, parent, status)
+
+    create_table_artifact(key="train-fcn-results", table=evaluation["rows"],
+                          description=f"Test split scores per stage (MLflow run {parent})")
+    create_markdown_artifact(key="train-fcn-mlflow", markdown=_results_markdown(
+        cfg, parent_run_id=parent, registration=registration, evaluation=evaluation, chosen=chosen),
+        description="MLflow run and registry decision")
+    return {
+        "mlflow_run_id": parent,
+        "registered_model": registration["name"],
+        "registered_version": registration["version"],
+        "alias": registration["alias"],
+        "model_uri": registration["model_uri"],
+        "stage": chosen,
+        "candidate_score": registration["candidate_score"],
+        "champion_score": registration["champion_score"],
+        "scores": {s: v["fail_only"]["mean_iu"] for s, v in evaluation["scores"].items()},
+        "data": {"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}},
+        "run_dir": str(run_dir),
+    }
+
+
+if __name__ == "__main__":
+    train_fcn()

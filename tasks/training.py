@@ -1,0 +1,131 @@
+"""Training tasks of the train-fcn flow: one task run per FCN stage, evaluation, registration.
+
+Each task rebuilds what it needs from paths (the config as a dict, the split snapshots, the
+checkpoints) and logs to MLflow through an explicit client and run id, so it runs the same in a
+worker thread, a Dask worker or another process. No retries on training: a failed epoch is a
+bug or bad data, and re-running the stage resumes from its last checkpoint anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fcn_core.checkpoint import load_model
+from fcn_core.config import Config, config_from_dict
+from fcn_core.data import WaferSet
+from fcn_core.evaluate import EvalScores, evaluate, results_frame, write_report
+from fcn_core.predict import predict_maps, resolve_device
+from fcn_core.render import render_curves, render_wafers
+from fcn_core.table import FAIL, read_parquet
+from fcn_core.train import train_stage
+from tasks import tracking
+
+OVERLAY_WAFERS = 8
+
+
+def _load_split(path: str) -> WaferSet:
+    return WaferSet.from_table(read_parquet(path))
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+@task(name="train-stage", task_run_name="train-{stage}", cache_policy=NO_CACHE)
+def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str, out_dir: str,
+                     init_checkpoint: str | None, stage_run_id: str) -> dict:
+    """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``."""
+    cfg = config_from_dict(config)
+    client = tracking.configure(cfg)
+    result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
+                         out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
+                         on_epoch=tracking.epoch_logger(client, stage_run_id), progress=False)
+    for key, value in (("best_val_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
+                       ("train_seconds", result.seconds), ("train_wafers_per_s", result.wafers_per_s)):
+        if (v := _finite(value)) is not None:
+            client.log_metric(stage_run_id, key, v)
+    get_run_logger().info("%s: best val mean IU (fail dies) %.4f at epoch %d, %.1f s, %.0f wafers/s", stage,
+                          result.best_val_mean_iu, result.best_epoch + 1, result.seconds, result.wafers_per_s)
+    return result.to_dict()
+
+
+def _scores_dict(s: EvalScores) -> dict:
+    """JSON-friendly scores (no confusion matrices): for task results and artifacts."""
+    def clean(d: dict) -> dict:
+        return {k: [float(x) for x in v] if isinstance(v, (list, np.ndarray)) else float(v) for k, v in d.items()}
+    return {"on_wafer": clean(s.on_wafer), "fail_only": clean(s.fail_only), "n_wafers": int(s.n_wafers)}
+
+
+def _overlay(cfg: Config, model, test: WaferSet, path: Path) -> Path:
+    """Die map | truth | prediction of the test wafers with the most fail dies (the informative ones)."""
+    fails = np.array([int((d == FAIL).sum()) for d in test.die])
+    pick = sorted(np.argsort(-fails, kind="stable")[:OVERLAY_WAFERS].tolist())
+    wafers = test.subset(pick)
+    preds = predict_maps(model, wafers.die, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    return render_wafers(wafers.die, path, classes=cfg.classes, label_maps=wafers.label, predictions=preds,
+                         titles=wafers.wafer_ids, ncols=2)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str, out_dir: str,
+                    histories: list[dict], parent_run_id: str, model_stage: str) -> dict:
+    """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
+
+    The overlay picture shows ``model_stage`` (the stage that will be registered). Returns the
+    per-stage scores, the results rows and the written files.
+    """
+    cfg = config_from_dict(config)
+    client = tracking.configure(cfg)
+    device = resolve_device(cfg.train.device)
+    test = _load_split(test_path)
+    scores: dict[str, EvalScores] = {}
+    models = {}
+    for stage, ckpt in checkpoints.items():
+        models[stage], _ = load_model(ckpt, device=device)
+        scores[stage] = evaluate(models[stage], test, n_classes=cfg.n_classes, device=device,
+                                 multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    out = Path(out_dir)
+    paths = write_report(scores, out, class_names=cfg.class_names)
+    paths["overlay"] = str(_overlay(cfg, models[model_stage].cpu(), test, out / f"test_overlay_{model_stage}.png"))
+    if histories:
+        paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
+    tracking.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
+    for stage, s in scores.items():
+        for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
+            for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
+                if (v := _finite(values[key])) is not None:
+                    client.log_metric(parent_run_id, f"test/{stage}/{scope}_{key}", v)
+    rows = results_frame(scores, class_names=cfg.class_names).replace({np.nan: None}).to_dict(orient="records")
+    return {"scores": {k: _scores_dict(v) for k, v in scores.items()}, "rows": rows, "paths": paths}
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def register_task(*, config: dict, parent_run_id: str, checkpoint: str, candidate_score: float,
+                  test_path: str) -> dict:
+    """Log and register the model; ``champion`` moves only if it scores at least the re-scored champion.
+
+    Retried: it talks to the tracking server and the artifact store. A retry after a partial
+    registration may add one more version, which the alias policy handles like any other.
+    """
+    cfg = config_from_dict(config)
+    client = tracking.configure(cfg)
+    test = _load_split(test_path)
+    device = resolve_device(cfg.train.device)
+
+    def rescore(model) -> float:
+        return float(evaluate(model.to(device), test, n_classes=cfg.n_classes, device=device,
+                              multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
+
+    result = tracking.register_model(cfg, client=client, run_id=parent_run_id, checkpoint_path=checkpoint,
+                                     candidate_score=candidate_score, rescore=rescore)
+    get_run_logger().info("registered %s v%s as %s (candidate %.4f, champion %s)", result.name, result.version,
+                          result.alias, result.candidate_score,
+                          "n/a" if result.champion_score is None else f"{result.champion_score:.4f}")
+    return {"name": result.name, "version": result.version, "alias": result.alias,
+            "candidate_score": result.candidate_score, "champion_score": result.champion_score,
+            "previous_champion_version": result.previous_champion_version, "model_uri": result.model_uri}

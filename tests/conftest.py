@@ -1,0 +1,49 @@
+"""Shared test set-up: isolated Prefect/MLflow environment, a Prefect test API, a project home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports prefect: never talk to a developer's running server or tracking
+    # store, never write to ~/.prefect, never phone home (the test machines are offline).
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "WAFER_FCN_HOME"):
+        os.environ.pop(name, None)
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="wafer-fcn-test-prefect-")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_CLI_PROMPT"] = "false"
+    os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # tasks called outside a flow
+    os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
+    os.environ["DO_NOT_TRACK"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` also exports $MLFLOW_TRACKING_URI, which ``Config.tracking_uri``
+    prefers over the home's store: without this, one test's store would leak into the next."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API (SQLite, subprocess server) for the whole session (~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def wafer_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project home (``$WAFER_FCN_HOME``): data, MLflow store, predictions go here."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("WAFER_FCN_HOME", str(home))
+    return home

@@ -1,0 +1,157 @@
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.utilities.callables import parameter_schema
+from pydantic import ValidationError
+
+from fcn_core.config import load_config
+from fcn_core.synth import generate_wafers
+from fcn_core.table import write_parquet_atomic
+from flows.train_fcn import TrainParams, choose_stage, train_fcn
+from tasks.data import DataQualityError
+
+# the tiny config with small lots, so its 120 wafers split into train, val and test lots
+SMALL_LOTS = {"data.synth.wafers_per_lot": 2}
+
+
+def params(home, **extra) -> TrainParams:
+    return TrainParams(config="tiny", overrides={**SMALL_LOTS, "home": str(home)}, **extra)
+
+
+def artifacts_of(flow_run_id) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def task_runs_of(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, tmp_path_factory):
+    torch.set_num_threads(1)
+    home = tmp_path_factory.mktemp("train-home")
+    state = train_fcn(params(home), return_state=True)
+    return home, state
+
+
+def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
+    home, state = trained
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert (result["registered_model"], result["registered_version"], result["alias"]) == ("wafer-fcn", "1",
+                                                                                           "champion")
+    assert set(result["scores"]) == {"fcn32s", "fcn16s", "fcn8s"}
+    assert result["stage"] in result["scores"]
+    assert result["candidate_score"] == result["scores"][result["stage"]]
+    assert sum(result["data"]["counts"].values()) == 120 and result["data"]["rows_quarantined"] == 0
+
+    cfg = load_config("tiny", {"home": str(home)})
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["fcn16s", "fcn32s", "fcn8s"]
+    assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in children)
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/results.md", "evaluation/results.csv", "evaluation/learning_curves.png",
+            f"evaluation/test_overlay_{result['stage']}.png"} <= logged
+    assert str(client.get_model_version_by_alias("wafer-fcn", "champion").version) == "1"
+
+
+def test_train_flow_task_runs_and_artifacts(trained):
+    home, state = trained
+    flow_run_id = state.state_details.flow_run_id
+    runs = task_runs_of(flow_run_id)
+    assert {"train-fcn32s", "train-fcn16s", "train-fcn8s"} <= set(runs)
+    assert any(name.startswith("ingest-") for name in runs)
+    artifacts = artifacts_of(flow_run_id)
+    table = artifacts["train-fcn-results"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["model"] for r in rows] == ["FCN-32s", "FCN-16s", "FCN-8s"]
+    md = artifacts["train-fcn-mlflow"]
+    assert md.type == "markdown" and state.result()["mlflow_run_id"] in md.data and "champion" in md.data
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-0").limit == 1
+
+
+def test_second_run_reuses_ingest_cache_and_applies_the_alias_policy(trained):
+    home, _ = trained
+    state = train_fcn(params(home), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["registered_version"] == "2"
+    assert result["alias"] in ("champion", "challenger")
+    assert result["champion_score"] is not None  # the old champion was re-scored on this run's test split
+    assert result["alias"] == ("champion" if result["candidate_score"] >= result["champion_score"] else "challenger")
+    ingest_states = [s for n, s in task_runs_of(state.state_details.flow_run_id).items() if n.startswith("ingest-")]
+    assert ingest_states == ["Cached"]
+
+
+def test_failed_stage_fails_the_flow_and_its_mlflow_runs(trained, monkeypatch, tmp_path):
+    import tasks.training
+
+    real = tasks.training.train_stage
+
+    def broken(cfg, *, stage, **kw):
+        if stage == "fcn16s":
+            raise RuntimeError("boom in fcn16s")
+        return real(cfg, stage=stage, **kw)
+
+    monkeypatch.setattr(tasks.training, "train_stage", broken)
+    home, _ = trained
+    store = load_config("tiny", {"home": str(home)}).tracking_uri  # an existing store: no set-up time
+    state = train_fcn(TrainParams(config="tiny", overrides={**SMALL_LOTS, "home": str(tmp_path / "home"),
+                                                            "tracking.tracking_uri": store}), return_state=True)
+    assert state.is_failed() and "boom in fcn16s" in state.message
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("wafer-fcn").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string=(
+        f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'"))
+    assert parent.info.status == "FAILED"
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name: r.info.status for r in children} == {"fcn32s": "FINISHED", "fcn16s": "FAILED"}
+
+
+def test_too_much_quarantine_fails_before_training(prefect_harness, tmp_path):
+    table = generate_wafers(20, seed=5)
+    heights = pa.array([2000 if i % 2 else h for i, h in enumerate(table.column("height").to_pylist())], pa.int32())
+    write_parquet_atomic(table.set_column(table.schema.get_field_index("height"), "height", heights),
+                         tmp_path / "drops" / "bad.parquet")
+    state = train_fcn(params(tmp_path / "home", source=str(tmp_path / "drops")), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataQualityError, match="size_out_of_range"):
+        state.result()
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing tracked for a run that never trained
+
+
+def test_parameters_are_typed_and_strict():
+    assert TrainParams(config="tiny", overrides=["train.fcn8s.epochs=2"]).load().train.fcn8s.epochs == 2
+    with pytest.raises(ValidationError):
+        TrainParams(config="tiny", epochs=3)  # unknown field: the server rejects it too (schema below)
+    with pytest.raises(FileNotFoundError, match="config 'nope' not found"):
+        TrainParams(config="nope").load()
+    schema = parameter_schema(train_fcn.fn).model_dump()
+    definition = schema["definitions"]["TrainParams"]
+    assert definition["additionalProperties"] is False
+    assert {"config", "overrides", "source", "gpu_limit", "max_quarantined_share"} <= set(definition["properties"])
+
+
+def test_choose_stage_prefers_best_validation_then_the_finer_stage():
+    res = {"fcn32s": {"best_val_mean_iu": 0.5}, "fcn16s": {"best_val_mean_iu": 0.7},
+           "fcn8s": {"best_val_mean_iu": 0.7}}
+    assert choose_stage(res) == "fcn8s"
+    res["fcn8s"]["best_val_mean_iu"] = float("nan")
+    assert choose_stage(res) == "fcn16s"

@@ -1,0 +1,68 @@
+"""Tiny real trainings on CPU: staged fine-tuning, checkpoints, resume."""
+
+import math
+
+import pytest
+import torch
+
+from fcn_core.checkpoint import load_checkpoint, load_model
+from fcn_core.config import load_config
+from fcn_core.data import WaferSet
+from fcn_core.synth import generate_wafers
+from fcn_core.train import STAGES, build_stage_model, train_all_stages, train_stage
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny", {"train.fcn32s.epochs": 2, "train.num_threads": 2})
+
+
+@pytest.fixture(scope="module")
+def sets(cfg):
+    ws = WaferSet.from_table(generate_wafers(48, seed=5, synth=cfg.data.synth))
+    return ws.subset(range(40)), ws.subset(range(40, 48))
+
+
+def test_staged_training_chains_checkpoints(cfg, sets, tmp_path):
+    records = []
+    results = train_all_stages(cfg, train_set=sets[0], val_set=sets[1], out_dir=tmp_path, on_epoch=records.append)
+    assert list(results) == list(STAGES)
+    assert [r["stage"] for r in records] == ["fcn32s", "fcn32s", "fcn16s", "fcn8s"]
+    for r in records:
+        assert math.isfinite(r["train_loss"]) and r["wafers_per_s"] > 0 and 0 <= r["val_mean_iu"] <= 1
+    # checkpoints are weights_only-safe and carry config + arch
+    ckpt = load_checkpoint(results["fcn8s"].best_checkpoint)
+    assert ckpt["arch"]["name"] == "fcn8s" and ckpt["config"]["name"] == "tiny"
+    model, saved_cfg = load_model(results["fcn8s"].best_checkpoint)
+    assert saved_cfg == cfg
+    assert model(torch.zeros(1, 3, 37, 29)).shape == (1, cfg.n_classes, 37, 29)
+    # FCN-16s started from the best FCN-32s: trunk weights equal before its own training
+    m32, _ = load_model(results["fcn32s"].best_checkpoint)
+    m16 = build_stage_model(cfg, "fcn16s", results["fcn32s"].best_checkpoint)
+    assert torch.equal(m16.conv1_1.weight, m32.conv1_1.weight)
+    assert torch.count_nonzero(m16.score_pool4.weight) == 0
+
+
+def test_resume_continues_an_interrupted_stage(cfg, sets, tmp_path):
+    two_epochs = load_config("tiny", {"train.fcn32s.epochs": 2, "train.num_threads": 2})
+    one_epoch = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2})
+    # "interrupted" after epoch 1 of 2: same run, killed before its second epoch
+    first = train_stage(one_epoch, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path)
+    assert len(first.history) == 1
+    seen = []
+    resumed = train_stage(two_epochs, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
+                          on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1]                  # only the missing epoch ran
+    assert [r["epoch"] for r in resumed.history] == [0, 1]    # history carried over
+    assert load_checkpoint(resumed.last_checkpoint)["epoch"] == 1
+    # a finished stage resumes to a no-op
+    again = train_stage(two_epochs, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
+                        on_epoch=seen.append)
+    assert len(seen) == 1 and again.best_epoch == resumed.best_epoch
+
+
+def test_wrong_init_checkpoint_is_rejected(cfg, sets, tmp_path):
+    r = train_stage(load_config("tiny", {"train.fcn32s.epochs": 0}), stage="fcn32s", train_set=sets[0],
+                    val_set=sets[1], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="fcn8s starts from fcn16s"):
+        build_stage_model(cfg, "fcn8s", r.best_checkpoint)
