@@ -159,6 +159,21 @@ class VerdictConfig(_Strict):
     min_share: float = Field(0.05, ge=0, le=1, description="...and this share of the wafer's fail dies")
 
 
+class EvalConfig(_Strict):
+    """Evaluation beyond the synthetic test split: wafer-level verdicts on real, labelled maps."""
+
+    real_data: str | None = Field(
+        "auto", description="wafer table with dataset wafer labels (e.g. WM-811K); 'auto': the shared "
+                            "wm811k-val.parquet beside the checkout when present; null: skip")
+    real_max_wafers: int | None = Field(None, ge=1, description="score a seeded random sample of N real wafers")
+
+    def real_data_path(self) -> str | None:
+        if self.real_data != "auto":
+            return self.real_data
+        candidate = REPO_ROOT.parent / "shared" / "data" / "wm811k-val.parquet"
+        return str(candidate) if candidate.exists() else None
+
+
 class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the embedded SQLite store")
     experiment: str = "wafer-fcn"
@@ -173,6 +188,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     verdict: VerdictConfig = VerdictConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("classes")

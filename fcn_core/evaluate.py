@@ -9,16 +9,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from fcn_core.config import Config
 from fcn_core.data import WaferSet
 from fcn_core.metrics import ConfusionMatrix, segmentation_scores
 from fcn_core.predict import batch_labels, resolve_device
 from fcn_core.table import PASS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from fcn_core.verdicts import RealEvalReport
 
 SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 SCORE_HEADERS = ("pixel acc.", "mean acc.", "mean IU", "f.w. IU")
@@ -136,3 +143,60 @@ def write_report(
                    header=",".join(class_names))
     return {k: str(v) for k, v in paths.items()}
 
+
+@dataclass
+class RealEvaluation:
+    """Wafer-level verdicts of a model on real maps against the dataset's own wafer labels."""
+
+    report: "RealEvalReport"
+    wafer_ids: list[str]
+    dataset_labels: list[str | None]
+    predicted: list[str]
+    pred_maps: list[np.ndarray]
+
+
+def evaluate_real(
+    model: nn.Module,
+    table: "pa.Table",
+    *,
+    cfg: Config,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+) -> RealEvaluation:
+    """Segment real maps, reduce each to a dominant pattern, score against ``wafer_label``.
+
+    Labels map through ``fcn_core.verdicts.LABEL_MAP`` (Edge-Ring/Donut -> ring, Center -> circle,
+    Edge-Loc/Loc -> local zone, Scratch -> scratch, None/Random -> none; Near-full excluded).
+    """
+    from fcn_core.predict import predict_maps
+    from fcn_core.verdicts import real_eval_report, verdict_labels, wafer_verdicts
+
+    wafers = WaferSet.from_table(table)
+    preds = predict_maps(model, wafers.die, batch_size=batch_size, device=device,
+                         multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    verdicts = wafer_verdicts(preds, wafers.die, class_names=cfg.class_names, verdict=cfg.verdict)
+    labels = table.column("wafer_label").to_pylist()
+    report = real_eval_report(labels, verdicts.dominant_pattern, labels=verdict_labels(cfg.class_names))
+    return RealEvaluation(report=report, wafer_ids=wafers.wafer_ids, dataset_labels=labels,
+                          predicted=list(verdicts.dominant_pattern), pred_maps=preds)
+
+
+def write_real_report(real: RealEvaluation, table: "pa.Table", out_dir: str | Path, *, cfg: Config) -> dict[str, str]:
+    """real_maps.md / real_maps.csv and a picture of typical misses (die map | prediction)."""
+    from fcn_core.render import render_wafers
+    from fcn_core.verdicts import map_dataset_label, miss_examples
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"real_md": out / "real_maps.md", "real_csv": out / "real_maps.csv"}
+    paths["real_md"].write_text(real.report.markdown)
+    real.report.table.to_csv(paths["real_csv"])
+    true = [map_dataset_label(x) if x else None for x in real.dataset_labels]
+    picks = [(t, p, idx[:2]) for t, p, idx in miss_examples(true, real.predicted, max_pairs=6, per_pair=2)]
+    rows = [i for _, _, idx in picks for i in idx]
+    if rows:
+        die = [WaferSet.from_table(table.take([i])).die[0] for i in rows]
+        titles = [f"{real.wafer_ids[i]}: {real.dataset_labels[i]} -> {real.predicted[i]}" for i in rows]
+        paths["real_misses"] = render_wafers(die, out / "real_misses.png", classes=cfg.classes,
+                                             predictions=[real.pred_maps[i] for i in rows], titles=titles, ncols=2)
+    return {k: str(v) for k, v in paths.items()}

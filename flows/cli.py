@@ -436,6 +436,10 @@ def _print_training(cfg: Config, result: dict, seconds: float) -> None:
         f"({result['stage']}, test mean IU on fail dies {score:.4f}) as [bold]{result['alias']}[/bold]"
         + (f" (champion re-scored {champion:.4f})" if champion is not None else "")
         + f" in {seconds:.0f} s")
+    real = result.get("real") or {}
+    if real:
+        console.print(f"real wafer maps: verdict accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} "
+                      f"on {int(real['n_wafers']):,} labelled wafers")
     console.print(f"MLflow run {result['mlflow_run_id']}: browse with\n"
                   f"  mlflow ui --backend-store-uri {cfg.tracking_uri}")
 

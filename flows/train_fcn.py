@@ -148,6 +148,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         "candidate_score": registration["candidate_score"],
         "champion_score": registration["champion_score"],
         "scores": {s: v["fail_only"]["mean_iu"] for s, v in evaluation["scores"].items()},
+        "real": evaluation.get("real", {}),
         "data": {"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}},
         "run_dir": str(run_dir),
     }

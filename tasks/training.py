@@ -18,10 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from fcn_core.checkpoint import load_model
 from fcn_core.config import Config, config_from_dict
 from fcn_core.data import WaferSet
-from fcn_core.evaluate import EvalScores, evaluate, results_frame, write_report
+from fcn_core.evaluate import EvalScores, evaluate, evaluate_real, results_frame, write_real_report, write_report
 from fcn_core.predict import predict_maps, resolve_device
 from fcn_core.render import render_curves, render_wafers
 from fcn_core.table import FAIL, read_parquet
+from fcn_core.validate import validate_table
 from fcn_core.train import train_stage
 from tasks import tracking
 
@@ -94,14 +95,41 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
     paths["overlay"] = str(_overlay(cfg, models[model_stage].cpu(), test, out / f"test_overlay_{model_stage}.png"))
     if histories:
         paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
+    real_metrics = _evaluate_real_maps(cfg, models[model_stage], out, paths, device=device)
     tracking.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
     for stage, s in scores.items():
         for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
             for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
                 if (v := _finite(values[key])) is not None:
                     client.log_metric(parent_run_id, f"test/{stage}/{scope}_{key}", v)
+    for key, value in real_metrics.items():
+        if (v := _finite(value)) is not None:
+            client.log_metric(parent_run_id, f"real/{model_stage}/{key}", v)
     rows = results_frame(scores, class_names=cfg.class_names).replace({np.nan: None}).to_dict(orient="records")
-    return {"scores": {k: _scores_dict(v) for k, v in scores.items()}, "rows": rows, "paths": paths}
+    return {"scores": {k: _scores_dict(v) for k, v in scores.items()}, "rows": rows, "paths": paths,
+            "real": real_metrics}
+
+
+def _evaluate_real_maps(cfg: Config, model, out: Path, paths: dict[str, str], *, device) -> dict[str, float]:
+    """Wafer-level verdicts on real labelled maps (cfg.eval.real_data); appended to results.md."""
+    source = cfg.eval.real_data_path()
+    if not source:
+        return {}
+    log = get_run_logger()
+    result = validate_table(read_parquet(source), n_classes=cfg.n_classes)
+    table = result.valid
+    if cfg.eval.real_max_wafers and cfg.eval.real_max_wafers < table.num_rows:
+        # a seeded random sample: files are often sorted by label, so the first N would be one class
+        pick = np.random.default_rng(0).choice(table.num_rows, cfg.eval.real_max_wafers, replace=False)
+        table = table.take(np.sort(pick))
+    real = evaluate_real(model, table, cfg=cfg, device=device)
+    paths.update(write_real_report(real, table, out, cfg=cfg))
+    metrics = real.report.metrics(prefix="")
+    with open(paths["results_md"], "a") as md:
+        md.write(f"\n## Real wafer maps ({Path(source).name}, {table.num_rows:,} wafers)\n\n{real.report.markdown}\n")
+    log.info("real maps %s: accuracy %.3f, macro-F1 %.3f on %d wafers", source, metrics.get("accuracy", float("nan")),
+             metrics.get("macro_f1", float("nan")), table.num_rows)
+    return metrics
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
