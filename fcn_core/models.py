@@ -155,7 +155,7 @@ def _fuse(up: torch.Tensor, skip: torch.Tensor, off_up: int, off_skip: int) -> t
 
 
 # -- the models ----------------------------------------------------------------------------------
-class _FCN(nn.Module):
+class FCNBase(nn.Module):
     """Trunk + score_fr + skip fusions (coarse to fine) + one final upsampler, cropped to the input."""
 
     arch_name: ClassVar[str]
@@ -276,12 +276,12 @@ class _FCN(nn.Module):
         self.load_state_dict(matching, strict=False)
 
 
-class FCN32s(_FCN):
+class FCN32s(FCNBase):
     arch_name = "fcn32s"
     final = ("upscore", 32)
 
 
-class FCN16s(_FCN):
+class FCN16s(FCNBase):
     arch_name = "fcn16s"
     skips = (("pool4", "score_pool4", "upscore2"),)
     final = ("upscore16", 16)
@@ -292,7 +292,7 @@ class FCN16s(_FCN):
         return _staged(cls, m32, FCN32s)
 
 
-class FCN8s(_FCN):
+class FCN8s(FCNBase):
     arch_name = "fcn8s"
     skips = (("pool4", "score_pool4", "upscore2"), ("pool3", "score_pool3", "upscore_pool4"))
     final = ("upscore8", 8)
@@ -303,10 +303,10 @@ class FCN8s(_FCN):
         return _staged(cls, m16, FCN16s)
 
 
-MODELS: dict[str, type[_FCN]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
+MODELS: dict[str, type[FCNBase]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
 
 
-def _staged(cls: type[_FCN], coarser: nn.Module, expected: type[_FCN]) -> Any:
+def _staged(cls: type[FCNBase], coarser: nn.Module, expected: type[FCNBase]) -> Any:
     if not isinstance(coarser, expected):
         raise TypeError(f"{cls.__name__} is built from an {expected.__name__}, got {type(coarser).__name__}")
     model = fcn_from_arch({**coarser.arch, "name": cls.arch_name})
@@ -323,14 +323,14 @@ def build_fcn(
     preset: str = "compact",
     geometry: Geometry = "aligned",
     input_norm: Literal["none", "imagenet"] = "none",
-) -> _FCN:
+) -> FCNBase:
     """``build_fcn("fcn8s", n_classes=5)`` -> a freshly initialised FCN."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODEL_NAMES)})")
     return MODELS[name](n_classes, preset=preset, geometry=geometry, input_norm=input_norm)
 
 
-def fcn_from_arch(arch: dict[str, Any]) -> _FCN:
+def fcn_from_arch(arch: dict[str, Any]) -> FCNBase:
     """Rebuild a model from its ``.arch`` dict (weights are loaded separately)."""
     known = {"name", "n_classes", "preset", "geometry", "input_norm"}
     unknown = set(arch) - known
@@ -342,7 +342,7 @@ def fcn_from_arch(arch: dict[str, Any]) -> _FCN:
 
 # -- ImageNet start ------------------------------------------------------------------------------
 @torch.no_grad()
-def load_vgg16_imagenet(model: _FCN, path: str | os.PathLike) -> _FCN:
+def load_vgg16_imagenet(model: FCNBase, path: str | os.PathLike) -> FCNBase:
     """Load a torchvision VGG16 state dict from a local file into a ``vgg16``-preset FCN.
 
     ``features.*`` convs map to conv1_1 ... conv5_3 in order; ``classifier.0`` / ``classifier.3``
@@ -353,7 +353,7 @@ def load_vgg16_imagenet(model: _FCN, path: str | os.PathLike) -> _FCN:
     preset = model.arch["preset"]
     if preset != "vgg16":
         raise ValueError(f"ImageNet VGG16 weights need preset='vgg16', this model is preset={preset!r}")
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     feature_ids = sorted({int(k.split(".")[1]) for k, v in state.items()

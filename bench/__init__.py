@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): run ``make bench`` or ``python -m bench.<script> --help``."""

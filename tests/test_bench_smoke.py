@@ -1,0 +1,84 @@
+"""Every bench script runs end to end with tiny sizes and writes valid JSON (no timing asserts)."""
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+from fcn_core.config import REPO_ROOT
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    threads = torch.get_num_threads()
+    yield lambda name: importlib.import_module(f"bench.{name}")
+    torch.set_num_threads(threads)
+
+
+def _load(path):
+    data = json.loads(path.read_text())
+    machine = data["machine"]
+    assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
+    assert machine["date"][:2] == "20"
+    return data
+
+
+def test_inference_bench(bench, tmp_path):
+    bench("inference").main([
+        "--results-dir", str(tmp_path), "--threads", "1", "--repeats", "1", "--lever-threads", "1",
+        "--e2e-threads", "1", "--n64", "6", "--real-limit", "24", "--cell-seconds", "0.05", "--peer-batch", "3",
+        "--n-test", "6",
+        "--budget", "12,4,1", "--cache-dir", str(tmp_path / "cache"), "--presets", "compact",
+        "--sections", "levers,grid,e2e,accuracy,peer,gpu",
+    ])
+    data = _load(tmp_path / "inference.json")
+    assert data["roofline"]["fp32_gflops"] > 0
+    assert {(r["preset"], r["geometry"], r["dtype"]) for r in data["grid"]} == {
+        (p, g, d) for p in ("compact",) for g in ("aligned", "classic") for d in ("fp32", "bf16")}
+    assert all(r["per_s"] > 0 and r["peak_rss_mib"] > 0 for r in data["grid"])
+    e2e = data["end_to_end"]
+    assert {r["dtype"] for r in e2e} == {"fp32", "bf16"} and all(r["wafers"] > 0 for r in e2e)
+    assert data["peer"][0]["speed_ratio_vs_peer"] > 0
+    synthetic = data["accuracy"]["synthetic test split"]
+    assert 0.0 <= synthetic["fail_die_agreement_bf16_vs_fp32"] <= 1.0
+    assert synthetic["fail_die_agreement_fp32_vs_baseline"] > 0.99  # same fp32 maths, new code path
+    if not torch.cuda.is_available():
+        assert data["gpu"].startswith("not measured")
+    if data["real_data"] != "absent":
+        assert any(r["lever"].startswith("baseline") for r in data["levers"])
+
+
+def test_training_bench(bench, tmp_path):
+    bench("training").main([
+        "--results-dir", str(tmp_path), "--threads", "1", "--repeats", "1", "--lever-threads", "1",
+        "--wafers", "12", "--batch", "4", "--lever-batches", "1", "--big-steps", "1", "--vgg-batch", "1",
+        "--sections", "train_stage,levers,gpu",
+    ])
+    data = _load(tmp_path / "training.json")
+    assert [r["stage"] for r in data["train_stage"]] == ["fcn32s", "fcn16s", "fcn8s"]
+    assert all(r["wafers_per_s"] > 0 for r in data["train_stage"])
+    assert len(data["step_levers"]) == 3 * 4 and all(math.isfinite(r["per_s"]) for r in data["step_levers"])
+
+
+def test_memory_bench(bench, tmp_path):
+    data = bench("memory").main(["--results-dir", str(tmp_path), "--threads", "1", "--n", "50", "--chunk", "20"])
+    saved = _load(tmp_path / "memory.json")
+    assert saved["wafers_scored"] == data["wafers_scored"] == 50
+    assert saved["peak_rss_mib"] > 0 and saved["under_limit"] is True
+    assert "| 50 | 20 |" in bench("report").render(tmp_path)  # the docs' table helper reads it back
+
+
+def test_geometry_bench(bench, tmp_path):
+    bench("geometry").main(["--results-dir", str(tmp_path), "--threads", "1", "--repeats", "1", "--n64", "2",
+                            "--real-sample", "4", "--skip-training"])
+    data = _load(tmp_path / "geometry.json")
+    assert [r["geometry"] for r in data["speed"]] == ["aligned", "classic"]
+    assert data["aligned_over_classic_speed"]["synthetic 64x64"] > 0
+
+
+def test_run_all_rejects_unknown_scripts(bench):
+    with pytest.raises(SystemExit):
+        bench("run_all").main(["--only", "nonsense"])
