@@ -399,7 +399,6 @@ def _prefect_env(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_HOME", str(cfg.home_dir / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # its SQLite lives here
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     import logging
 
     # MLflow's per-run INFO lines (system-metrics monitor start/stop, pickle advice) drown the results.

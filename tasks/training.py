@@ -45,7 +45,7 @@ def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str
     client = tracking.configure(cfg)
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
                          out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
-                         on_epoch=tracking.epoch_logger(client, stage_run_id), progress=False)
+                         on_epoch=tracking.epoch_logger(client, stage_run_id), progress=True)
     for key, value in (("best_val_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
                        ("train_seconds", result.seconds), ("train_wafers_per_s", result.wafers_per_s)):
         if (v := _finite(value)) is not None:

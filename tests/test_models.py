@@ -295,7 +295,7 @@ def test_load_vgg16_imagenet(tmp_path) -> None:
     path = tmp_path / "vgg16.pth"
     state = torchvision.models.vgg16(weights=None).state_dict()
     torch.save(state, path)
-    m = build_fcn("fcn32s", n_classes=5, preset="vgg16", geometry="aligned")
+    m = meta_fcn("fcn32s", n_classes=5, preset="vgg16", geometry="aligned").to_empty(device="cpu")  # skip init
     assert load_vgg16_imagenet(m, path) is m
     assert torch.equal(m.conv1_1.weight, state["features.0.weight"])
     assert torch.equal(m.conv2_1.bias, state["features.5.bias"])
