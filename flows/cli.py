@@ -343,6 +343,8 @@ def predict(
     )] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Wafers per forward pass.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, show_default=False,
+                                                help="torch CPU threads [default: torch's]; 1 is fastest on a busy machine")] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
 ) -> None:
@@ -373,7 +375,7 @@ def predict(
         fail(str(exc))
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
         scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
-                             batch_size=batch_size, device=dev)
+                             batch_size=batch_size, device=dev, num_threads=threads)
     write_parquet_atomic(scored, dest)
     patterns = scored.column("dominant_pattern").value_counts().to_pylist()
     console.print(_pattern_table(patterns))

@@ -97,7 +97,7 @@ def score_partition(*, config: dict, date: str, curated_root: str, parts: list[s
         for start in range(0, table.num_rows, chunk_rows):
             chunk = table.slice(start, chunk_rows)
             scored.append(score_table(model, chunk, cfg=cfg, model_name=model_name, model_version=str(model_version),
-                                      device=device, extra=run_ids))
+                                      device=device, extra=run_ids, num_threads=1))
     new = pa.concat_tables(scored) if scored else None
     dest = predictions_path(predictions_root, date)
     if action == "append" and file_exists(dest):

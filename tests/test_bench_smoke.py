@@ -29,10 +29,9 @@ def _load(path):
 def test_inference_bench(bench, tmp_path):
     bench("inference").main([
         "--results-dir", str(tmp_path), "--threads", "1", "--repeats", "1", "--lever-threads", "1",
-        "--e2e-threads", "1", "--n64", "6", "--real-limit", "24", "--cell-seconds", "0.05", "--peer-batch", "3",
-        "--n-test", "6",
-        "--budget", "12,4,1", "--cache-dir", str(tmp_path / "cache"), "--presets", "compact",
-        "--sections", "levers,grid,e2e,accuracy,peer,gpu",
+        "--e2e-threads", "1", "--n64", "6", "--real-limit", "24", "--cell-seconds", "0.05", "--presets", "compact",
+        "--peer-batch", "3", "--n-test", "6", "--budget", "12,4,1", "--cache-dir", str(tmp_path / "cache"),
+        "--sections", "levers,grid,e2e,accuracy,peer,gpu",  # not "compile": inductor takes tens of seconds
     ])
     data = _load(tmp_path / "inference.json")
     assert data["roofline"]["fp32_gflops"] > 0
