@@ -226,10 +226,17 @@ def ingest_command(
                                                  help="Parquet files or folders (local paths or pyarrow URIs).")],
     curated: Annotated[str | None, typer.Option("--curated", help="Curated store [default: <home>/curated].",
                                                 show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", show_default=False,
+        help="parquet, wm811k (LSWMD.pkl), mixedwm38 (.npz) or g85 (XML) [default: from the extension]")] = None,
+    trust: Annotated[bool, typer.Option("--trust", help="Allow unpickling a WM-811K .pkl (pickle runs code).")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Validate drops and add them to the curated store, partitioned by capture date.
+
+    Non-Parquet sources (WM-811K pickle, MixedWM38 npz, SEMI G85 XML) are converted to a wafer table
+    in <home>/drops first, then ingested like any drop.
 
     Re-ingesting a file already ingested (same content) is skipped. Bad rows go to the store's
     _quarantine/ folder. Exits 1 if a file could not be read (the others are still ingested).
@@ -238,6 +245,7 @@ def ingest_command(
 
     cfg = command_config(ctx, config, overrides)
     root = curated or str(cfg.home_dir / "curated")
+    sources = [_as_parquet_drop(cfg, src, fmt=fmt, trust=trust) for src in sources]
     try:
         with _progress() as progress:
             task = progress.add_task("ingesting files", total=None)
@@ -261,6 +269,19 @@ def ingest_command(
         typer.echo(f"unreadable: {name}: {why}", err=True)
     if report.files_failed:
         fail(f"{len(report.files_failed)} file(s) could not be read; fix them and run ingest again")
+
+
+def _as_parquet_drop(cfg: Config, source: str, *, fmt: str | None, trust: bool) -> str:
+    """Parquet sources pass through; other formats are read and written as a Parquet drop."""
+    from fcn_core.readers import ReaderError, detect_format, read_any
+
+    if "://" in source or (fmt or detect_format(source)) == "parquet":
+        return source
+    try:
+        table = read_any(source, fmt=fmt, trust=trust)
+    except (ReaderError, FileNotFoundError) as exc:
+        fail(str(exc))
+    return write_parquet_atomic(table, cfg.home_dir / "drops" / f"{Path(source).stem}.parquet")
 
 
 # -- show ------------------------------------------------------------------------------------------

@@ -203,3 +203,32 @@ def test_synth_with_the_real_generator_validates(tmp_path):
     assert run("validate", out, "--out-dir", tmp_path / "v").exit_code == 0
     assert run("ingest", out, "--curated", tmp_path / "cur").exit_code == 0
     assert run("show", out, "--out", tmp_path / "s.png", "--n", 3).exit_code == 0
+
+
+def test_ingest_converts_other_formats_and_refuses_untrusted_pickles(tmp_path, monkeypatch):
+    import numpy as np
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fcn_core.ingest import read_curated
+    from flows.cli import app
+
+    monkeypatch.setenv("WAFER_FCN_HOME", str(tmp_path / "home"))
+    maps = np.ones((3, 52, 52), np.int64)
+    maps[:, 0, :] = 0
+    maps[:, 10, 10] = 2
+    labels = np.zeros((3, 8), np.int64)
+    labels[0, 0] = 1
+    np.savez(tmp_path / "mixed.npz", arr_0=maps, arr_1=labels)
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(tmp_path / "mixed.npz"), "--curated", str(tmp_path / "cur")])
+    assert result.exit_code == 0, result.output
+    assert read_curated(str(tmp_path / "cur")).num_rows == 3
+
+    frame = pd.DataFrame({"waferMap": [np.ones((4, 4), np.uint8)], "dieSize": [16.0], "lotName": ["lot1"],
+                          "waferIndex": [1.0], "trianTestLabel": [[]], "failureType": [[]]})
+    frame.to_pickle(tmp_path / "LSWMD.pkl")
+    refused = runner.invoke(app, ["ingest", str(tmp_path / "LSWMD.pkl"), "--curated", str(tmp_path / "cur2")])
+    assert refused.exit_code == 1 and "trust" in refused.output
+    trusted = runner.invoke(app, ["ingest", str(tmp_path / "LSWMD.pkl"), "--trust", "--curated", str(tmp_path / "cur2")])
+    assert trusted.exit_code == 0, trusted.output
