@@ -275,9 +275,11 @@ def _as_parquet_drop(cfg: Config, source: str, *, fmt: str | None, trust: bool) 
     """Parquet sources pass through; other formats are read and written as a Parquet drop."""
     from fcn_core.readers import ReaderError, detect_format, read_any
 
-    if "://" in source or (fmt or detect_format(source)) == "parquet":
-        return source
+    if "://" in source or not Path(source).expanduser().exists():
+        return source  # URIs are Parquet; a missing path gets ingest's own clear error
     try:
+        if (fmt or detect_format(source)) == "parquet":
+            return source
         table = read_any(source, fmt=fmt, trust=trust)
     except (ReaderError, FileNotFoundError) as exc:
         fail(str(exc))
