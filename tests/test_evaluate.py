@@ -53,8 +53,8 @@ def test_background_only_model_gets_background_right_only(wafers):
             out[:, 0] = 1
             return out
     s = evaluate(Zero(), wafers, n_classes=5)
-    assert s.fail_only["iou"][1:] == pytest.approx([0.0] * 4, nan_ok=True) or \
-        all(np.isnan(v) or v == 0 for v in s.fail_only["iou"][1:])
+    assert s.fail_only["iou"][0] > 0
+    assert all(np.isnan(v) or v == 0 for v in s.fail_only["iou"][1:])  # patterns: never predicted
     assert s.on_wafer["pixel_acc"] > s.fail_only["pixel_acc"]  # pass dies are free points
 
 
