@@ -283,3 +283,11 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def finish(name: str, payload: dict[str, Any], *, results_dir: Path | None = None) -> dict[str, Any]:
+    """Stamp the closing load average, save ``bench/results/<name>.json`` and say where."""
+    payload["load_avg_1m_at_end"] = load_avg()
+    path = save_results(name, payload, results_dir=results_dir)
+    print(f"\nsaved {path}")
+    return payload

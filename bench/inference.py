@@ -34,8 +34,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from bench.common import (CACHE_DIR, NO_GPU, REAL_DATA, PeakRSS, base_parser, load_avg, machine_info, matmul_peak,
-                          padded_die_batch, padded_gflops, print_table, real_table, save_results, set_threads,
+from bench.common import (CACHE_DIR, NO_GPU, REAL_DATA, PeakRSS, base_parser, finish, machine_info, matmul_peak,
+                          padded_die_batch, padded_gflops, print_table, real_table, set_threads,
                           synthetic_64, time_best)
 from bench.peer import PEER_NAME, PeerFCN
 from bench.trained import Budget, fail_die_scores, label_agreement, test_table, trained_fcn8s
@@ -365,10 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "gpu" in sections:
         payload["gpu"] = gpu_rows(repeats=args.repeats)
         print(f"\nGPU: {payload['gpu']}")
-    payload["load_avg_1m_at_end"] = load_avg()
-    path = save_results("inference", payload, results_dir=args.results_dir)
-    print(f"\nsaved {path}")
-    return payload
+    return finish("inference", payload, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

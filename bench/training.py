@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the `bench` package importa
 import torch
 from torch import nn
 
-from bench.common import (NO_GPU, base_parser, load_avg, machine_info, print_table, save_results, set_threads,
+from bench.common import (NO_GPU, base_parser, finish, load_avg, machine_info, print_table, set_threads,
                           synthetic_64, time_best)
 from bench.peer import PEER_NAME, PeerFCN
 from fcn_core.config import Config, load_config
@@ -205,10 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "gpu" in sections:
         payload["gpu"] = gpu_rows()
         print(f"\nGPU: {payload['gpu']}")
-    payload["load_avg_1m_at_end"] = load_avg()
-    path = save_results("training", payload, results_dir=args.results_dir)
-    print(f"\nsaved {path}")
-    return payload
+    return finish("training", payload, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":
