@@ -45,8 +45,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild the model and its config from a checkpoint, in eval mode."""
+    """Rebuild the model and its config from a checkpoint, in eval mode.
+
+    A model whose verdict thresholds were calibrated on real maps carries them as ``model.verdict``
+    (pickled with it into MLflow), so whoever scores with it judges wafers the same way.
+    """
     ckpt = load_checkpoint(path)
     model = fcn_from_arch(ckpt["arch"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config_from_dict(ckpt["config"])
+    cfg = config_from_dict(ckpt["config"])
+    if cfg.verdict.calibrated_on:
+        model.verdict = cfg.verdict
+    return model.to(device).eval(), cfg

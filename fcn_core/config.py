@@ -123,6 +123,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     preset: Literal["compact", "vgg16"] = "compact"
     geometry: Literal["aligned", "classic"] = "aligned"
+    batch_norm: bool = Field(False, description="BatchNorm after every trunk conv (vgg16_bn style)")
     imagenet_weights: str | None = Field(
         None, description="local path to a torchvision VGG16 state dict (vgg16 preset only)"
     )
@@ -132,6 +133,21 @@ class StageConfig(_Strict):
     epochs: int = Field(4, ge=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
+
+
+class FinetuneConfig(StageConfig):
+    """Weak-label fine-tuning on real maps after the last stage (fcn_core.weak; off by default).
+
+    The real maps come from ``eval.real_data``; a fixed ``holdout_fraction`` of them (by lot) is
+    never trained on and is the only part real-map scores are computed on while this is enabled.
+    """
+
+    enabled: bool | Literal["auto"] = Field(
+        False, description="true: fine-tune (error without real maps); 'auto': when eval.real_data has maps")
+    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="share of real maps held out for evaluation")
+    max_per_class: int | None = Field(
+        1000, ge=1, description="cap on weakly labelled wafers per mapped class (WM-811K is 59 % 'none')")
+    mix_synthetic: bool = Field(True, description="train on the synthetic train split too (keeps die-level skill)")
 
 
 class TrainConfig(_Strict):
@@ -144,12 +160,21 @@ class TrainConfig(_Strict):
     device: str = "auto"
     num_threads: int | None = None
     max_wafers_per_epoch: int | None = Field(None, ge=1)
+    final_stage: Literal["fcn8s", "fcn4s", "fcn2s", "fcn1s"] = Field(
+        "fcn8s", description="last stage of the cascade: fcn8s as in the paper, or on to die level (fcn1s)")
     fcn32s: StageConfig = StageConfig()
     fcn16s: StageConfig = StageConfig(lr=5e-4)
     fcn8s: StageConfig = StageConfig(lr=2.5e-4)
+    fcn4s: StageConfig = StageConfig(lr=2.5e-4)
+    fcn2s: StageConfig = StageConfig(lr=2.5e-4)
+    fcn1s: StageConfig = StageConfig(lr=2.5e-4)
+    finetune: FinetuneConfig = FinetuneConfig(epochs=6, lr=5e-4)
 
     def stage(self, name: str) -> StageConfig:
-        return getattr(self, name)
+        value = getattr(self, name, None) if not name.startswith("_") else None
+        if not isinstance(value, StageConfig):
+            raise ValueError(f"unknown stage {name!r}; expected fcn32s ... fcn1s or finetune")
+        return value
 
 
 class VerdictConfig(_Strict):
@@ -157,6 +182,8 @@ class VerdictConfig(_Strict):
 
     min_dies: int = Field(3, ge=1, description="a pattern needs at least this many dies")
     min_share: float = Field(0.05, ge=0, le=1, description="...and this share of the wafer's fail dies")
+    calibrated_on: str | None = Field(
+        None, description="set by fine-tuning: thresholds chosen for best macro-F1 on these real maps")
 
 
 class EvalConfig(_Strict):
@@ -202,6 +229,12 @@ class Config(_Strict):
         return classes
 
     # -- derived values -------------------------------------------------------------------------
+    @property
+    def finetune_enabled(self) -> bool:
+        """train.finetune.enabled, with 'auto' meaning: when real labelled maps are at hand."""
+        enabled = self.train.finetune.enabled
+        return self.eval.real_data_path() is not None if enabled == "auto" else bool(enabled)
+
     @property
     def n_classes(self) -> int:
         return len(self.classes)

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 SCORE_HEADERS = ("pixel acc.", "mean acc.", "mean IU", "f.w. IU")
-STAGE_TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
+STAGE_TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "fcn4s": "FCN-4s", "fcn2s": "FCN-2s",
+                "fcn1s": "FCN-1s", "finetune": "fine-tuned on real maps"}
+CASCADE = ("fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s")
 
 
 @dataclass
@@ -113,15 +115,26 @@ def results_markdown(scores_by_stage: dict[str, EvalScores], *, class_names: lis
 
 
 def skip_order_sentence(scores_by_stage: dict[str, EvalScores]) -> str:
-    """The paper finds 8s >= 16s >= 32s; say whether these wafers agree (fail-dies mean IU)."""
-    order = [s for s in ("fcn32s", "fcn16s", "fcn8s") if s in scores_by_stage]
+    """The paper finds 8s >= 16s >= 32s; say whether these wafers agree (fail-dies mean IU), and whether
+    the finer stages (4s, 2s, 1s) carry the trend on."""
+    order = [s for s in CASCADE if s in scores_by_stage]
     if len(order) < 2:
         return ""
-    values = [scores_by_stage[s].fail_only["mean_iu"] for s in order]
-    agrees = all(b >= a for a, b in zip(values, values[1:]))
-    chain = " <= ".join(f"{STAGE_TITLES[s]} {_pct(v)}" for s, v in zip(order, values))
-    verdict = "agrees with" if agrees else "does NOT agree with"
-    return f"Skip architecture (fail-dies mean IU): {chain}; this {verdict} the paper's 8s >= 16s >= 32s."
+    values = {s: scores_by_stage[s].fail_only["mean_iu"] for s in order}
+
+    def rising(stages: list[str]) -> bool:
+        return all(values[b] >= values[a] for a, b in zip(stages, stages[1:]))
+
+    chain = " <= ".join(f"{STAGE_TITLES[s]} {_pct(values[s])}" for s in order)
+    paper = [s for s in order if s in ("fcn32s", "fcn16s", "fcn8s")]
+    sentence = f"Skip architecture (fail-dies mean IU): {chain}"
+    if len(paper) >= 2:
+        sentence += f"; this {'agrees with' if rising(paper) else 'does NOT agree with'} the paper's 8s >= 16s >= 32s"
+    finer = [s for s in order if s not in ("fcn32s", "fcn16s")]
+    if len(finer) >= 2 and finer[0] == "fcn8s":
+        sentence += (", and the finer skips " + ("keep improving on" if rising(finer) else "do NOT all improve on")
+                     + " FCN-8s")
+    return sentence + "."
 
 
 def write_report(
@@ -169,12 +182,13 @@ def evaluate_real(
     Edge-Loc/Loc -> local zone, Scratch -> scratch, None/Random -> none; Near-full excluded).
     """
     from fcn_core.predict import predict_maps
-    from fcn_core.verdicts import real_eval_report, verdict_labels, wafer_verdicts
+    from fcn_core.verdicts import model_verdict, real_eval_report, verdict_labels, wafer_verdicts
 
     wafers = WaferSet.from_table(table)
     preds = predict_maps(model, wafers.die, batch_size=batch_size, device=device,
                          multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-    verdicts = wafer_verdicts(preds, wafers.die, class_names=cfg.class_names, verdict=cfg.verdict)
+    verdicts = wafer_verdicts(preds, wafers.die, class_names=cfg.class_names,
+                              verdict=model_verdict(model, cfg.verdict))
     labels = table.column("wafer_label").to_pylist()
     report = real_eval_report(labels, verdicts.dominant_pattern, labels=verdict_labels(cfg.class_names))
     return RealEvaluation(report=report, wafer_ids=wafers.wafer_ids, dataset_labels=labels,

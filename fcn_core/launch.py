@@ -16,7 +16,7 @@ import json
 from fcn_core.config import load_config
 from fcn_core.data import WaferSet
 from fcn_core.table import read_parquet
-from fcn_core.train import STAGES, init_distributed, stage_device, train_stage
+from fcn_core.train import STAGES, init_distributed, stage_device, stages_to_train, train_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="default", help="config name or path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value override")
     parser.add_argument("--stage", choices=STAGES, help="train only this stage")
-    parser.add_argument("--init", help="checkpoint of the previous stage (with --stage fcn16s/fcn8s)")
+    parser.add_argument("--init", help="checkpoint of the previous stage (with --stage fcn16s or finer)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     args = parser.parse_args(argv)
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     info = init_distributed(stage_device(cfg))
     train_set = WaferSet.from_table(read_parquet(args.train))
     val_set = WaferSet.from_table(read_parquet(args.val))
-    stages = [args.stage] if args.stage else list(STAGES)
+    stages = [args.stage] if args.stage else list(stages_to_train(cfg))
     init = args.init
     for stage in stages:
         result = train_stage(cfg, stage=stage, train_set=train_set, val_set=val_set, out_dir=args.out,

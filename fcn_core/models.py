@@ -1,7 +1,8 @@
-"""FCN-32s, FCN-16s and FCN-8s (Long, Shelhamer & Darrell) as the seed deck teaches them.
+"""FCN-32s, FCN-16s and FCN-8s (Long, Shelhamer & Darrell) as the seed deck teaches them, and the
+same skip architecture carried on to FCN-4s, 2s and 1s for die-level wafer labels.
 
 One trunk definition (VGG16 topology: conv blocks of 2, 2, 3, 3, 3 convs, ceil-mode max pools, fc6 and
-fc7 as convolutions) serves the three models; they differ only in the skip scores fused on the way
+fc7 as convolutions) serves every model; they differ only in the skip scores fused on the way
 up. Attribute names are the seed's (``conv1_1`` ... ``upscore8``) so state dicts interchange with the
 classic pytorch-fcn layout.
 
@@ -24,7 +25,7 @@ from torch import nn
 
 IN_CHANNELS = 3  # one-hot die states: no die, pass, fail (fcn_core.padding.one_hot_dies)
 BLOCK_DEPTHS = (2, 2, 3, 3, 3)  # convs per VGG16 block
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")
+MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s")  # coarse to fine
 GEOMETRIES = ("classic", "aligned")
 INPUT_NORMS = ("none", "imagenet")
 CLASSIC_MARGIN = 100  # conv1_1 padding of the reference FCN
@@ -83,7 +84,7 @@ class CoordMap:
                 a, b = Fraction(s), Fraction(k_eff - 1 - 2 * p, 2)
             else:
                 a, b = Fraction(1, s), Fraction(2 * p - (k_eff - 1), 2 * s)
-        elif isinstance(layer, (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity)):
+        elif isinstance(layer, (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.BatchNorm2d)):
             a, b = Fraction(1), Fraction(0)
         else:
             raise TypeError(f"no coordinate map for {type(layer).__name__}")
@@ -112,15 +113,22 @@ def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
     return weight.float()
 
 
-def _upsampler(n_classes: int, stride: int, geometry: Geometry) -> nn.ConvTranspose2d:
+def _upsampler(n_classes: int, stride: int, geometry: Geometry) -> nn.Module:
     # kernel 2*stride as in the seed; aligned: padding stride/2 makes the output exactly stride*input
-    # and centres it on the input grid (crop offset 0)
+    # and centres it on the input grid (crop offset 0). Stride 1 (FCN-1s) needs no upsampling.
+    if stride == 1:
+        return nn.Identity()
     padding = stride // 2 if geometry == "aligned" else 0
     return nn.ConvTranspose2d(n_classes, n_classes, 2 * stride, stride=stride, padding=padding, bias=False)
 
 
-def _add_trunk(model: nn.Module, spec: Preset, geometry: Geometry) -> tuple[str, ...]:
-    """Register the VGG16-style trunk (conv1_1 ... drop7) on ``model``; return the names in order."""
+def _add_trunk(model: nn.Module, spec: Preset, geometry: Geometry, batch_norm: bool) -> tuple[str, ...]:
+    """Register the VGG16-style trunk (conv1_1 ... drop7) on ``model``; return the names in order.
+
+    ``batch_norm`` puts a BatchNorm2d (``bn1_1`` ...) between each block conv and its ReLU, as
+    torchvision's ``vgg16_bn``: the paper's FCN had none and leant on ImageNet weights, but from
+    scratch it is what makes the plain 13-conv trunk learn in minutes (docs/models.md).
+    """
     names: list[str] = []
 
     def add(name: str, layer: nn.Module) -> None:
@@ -133,6 +141,8 @@ def _add_trunk(model: nn.Module, spec: Preset, geometry: Geometry) -> tuple[str,
             first = block == 1 and i == 1
             pad = CLASSIC_MARGIN if first and geometry == "classic" else 1
             add(f"conv{block}_{i}", nn.Conv2d(c_in, width, 3, padding=pad))
+            if batch_norm:
+                add(f"bn{block}_{i}", nn.BatchNorm2d(width))
             add(f"relu{block}_{i}", nn.ReLU(inplace=True))
             c_in = width
         add(f"pool{block}", nn.MaxPool2d(2, stride=2, ceil_mode=True))  # 1/2**block
@@ -170,6 +180,7 @@ class FCNBase(nn.Module):
         preset: str = "compact",
         geometry: Geometry = "aligned",
         input_norm: Literal["none", "imagenet"] = "none",
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if n_classes < 1:
@@ -183,15 +194,17 @@ class FCNBase(nn.Module):
         spec = PRESETS[preset]
         self.n_classes = n_classes
         self.input_norm = input_norm
-        self._preset, self._geometry = preset, geometry
-        self._trunk = _add_trunk(self, spec, geometry)
+        self._preset, self._geometry, self._batch_norm = preset, geometry, bool(batch_norm)
+        self._trunk = _add_trunk(self, spec, geometry, self._batch_norm)
         self.score_fr = nn.Conv2d(spec.fc_width, n_classes, 1)
-        tap_width = {"pool3": spec.widths[2], "pool4": spec.widths[3]}
+        tap_width = {"relu1_2": spec.widths[0], "pool1": spec.widths[0], "pool2": spec.widths[1],
+                     "pool3": spec.widths[2], "pool4": spec.widths[3]}
         for tap, score, up in self.skips:
             self.add_module(score, nn.Conv2d(tap_width[tap], n_classes, 1))
             self.add_module(up, _upsampler(n_classes, 2, geometry))
         final_name, final_stride = self.final
         self.add_module(final_name, _upsampler(n_classes, final_stride, geometry))
+        self._taps = frozenset(tap for tap, _, _ in self.skips)
         self.crop_offsets, self._fuse_offsets = self._crop_geometry()
         self.reset_parameters()
 
@@ -199,14 +212,14 @@ class FCNBase(nn.Module):
     def arch(self) -> dict[str, Any]:
         """Everything :func:`fcn_from_arch` needs to rebuild this model (saved with checkpoints)."""
         return {"name": self.arch_name, "n_classes": self.n_classes, "preset": self._preset,
-                "geometry": self._geometry, "input_norm": self.input_norm}
+                "geometry": self._geometry, "input_norm": self.input_norm, "batch_norm": self._batch_norm}
 
     def _crop_geometry(self) -> tuple[dict[str, int], list[tuple[int, int]]]:
         """Crop offsets from layer geometry: {cropped layer: offset} and per-skip (up, skip) offsets."""
-        grid, taps = CoordMap(), {}
+        grid, taps, wanted = CoordMap(), {}, {tap for tap, _, _ in self.skips}
         for name in self._trunk:
             grid = grid.then(getattr(self, name))
-            if name in ("pool3", "pool4"):
+            if name in wanted:
                 taps[name] = grid
         grid = grid.then(self.score_fr)  # 1/32
         offsets: dict[str, int] = {}
@@ -238,9 +251,11 @@ class FCNBase(nn.Module):
             elif name == "score_fr":
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
-            elif name.startswith("score_pool"):  # new skips start as no-ops: the coarser net's output
+            elif name.startswith("score_") and name != "score_fr":  # new skips start as no-ops: the coarser net's output
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+            elif isinstance(layer, nn.BatchNorm2d):
+                layer.reset_parameters()
             elif isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
@@ -254,10 +269,10 @@ class FCNBase(nn.Module):
             mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
             x = (x - mean) / std
-        h, taps = x, {}
+        h, taps, wanted = x, {}, self._taps
         for name in self._trunk:
             h = getattr(self, name)(h)
-            if name in ("pool3", "pool4"):  # 1/8, 1/16
+            if name in wanted:  # e.g. pool4 (1/16) and pool3 (1/8) for FCN-8s
                 taps[name] = h
         h = self.score_fr(h)  # 1/32
         for (tap, score, up), (off_up, off_skip) in zip(self.skips, self._fuse_offsets):
@@ -303,7 +318,43 @@ class FCN8s(FCNBase):
         return _staged(cls, m16, FCN16s)
 
 
-MODELS: dict[str, type[FCNBase]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
+# Finer stages: the skip architecture carried on to the die. The paper stopped at FCN-8s because
+# returns diminished on 500x500 photos; a wafer map is ~26x26 dies and is labelled die by die, so
+# a stride-8 output paints 8x8 blocks of dies with one smooth score. Measured on the generator's
+# test wafers, the best possible block-constant labelling reaches only 0.79 mean IU on fail dies at
+# 8x8 blocks (scratch 0.57), 0.88 at 4x4, 0.94 at 2x2 (docs/models.md): each halving is worth it.
+class FCN4s(FCNBase):
+    arch_name = "fcn4s"
+    skips = FCN8s.skips + (("pool2", "score_pool2", "upscore_pool3"),)
+    final = ("upscore4", 4)
+
+
+class FCN2s(FCNBase):
+    arch_name = "fcn2s"
+    skips = FCN4s.skips + (("pool1", "score_pool1", "upscore_pool2"),)
+    final = ("upscore2_out", 2)  # not "upscore2": the seed gave that name to the 2x step after score_fr
+
+
+class FCN1s(FCNBase):
+    arch_name = "fcn1s"
+    skips = FCN2s.skips + (("relu1_2", "score_conv1_2", "upscore_pool1"),)
+    final = ("upscore1", 1)  # nn.Identity: the fused scores already lie on the die grid
+
+
+MODELS: dict[str, type[FCNBase]] = {
+    "fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s, "fcn4s": FCN4s, "fcn2s": FCN2s, "fcn1s": FCN1s}
+COARSER: dict[str, str] = {name: prev for prev, name in zip(MODEL_NAMES, MODEL_NAMES[1:])}
+
+
+def from_coarser(name: str, coarser: FCNBase) -> FCNBase:
+    """Staged fine-tuning: model ``name`` with every weight of the trained next-coarser stage.
+
+    The new skip's score layer starts at zero and the new upsamplers bilinear, so the new model
+    starts out computing exactly what the coarser one did (up to the final upsampling).
+    """
+    if name not in COARSER:
+        raise ValueError(f"{name!r} has no coarser stage to start from (stages: {', '.join(MODEL_NAMES)})")
+    return _staged(MODELS[name], coarser, MODELS[COARSER[name]])
 
 
 def _staged(cls: type[FCNBase], coarser: nn.Module, expected: type[FCNBase]) -> Any:
@@ -323,16 +374,17 @@ def build_fcn(
     preset: str = "compact",
     geometry: Geometry = "aligned",
     input_norm: Literal["none", "imagenet"] = "none",
+    batch_norm: bool = False,
 ) -> FCNBase:
     """``build_fcn("fcn8s", n_classes=5)`` -> a freshly initialised FCN."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODEL_NAMES)})")
-    return MODELS[name](n_classes, preset=preset, geometry=geometry, input_norm=input_norm)
+    return MODELS[name](n_classes, preset=preset, geometry=geometry, input_norm=input_norm, batch_norm=batch_norm)
 
 
 def fcn_from_arch(arch: dict[str, Any]) -> FCNBase:
     """Rebuild a model from its ``.arch`` dict (weights are loaded separately)."""
-    known = {"name", "n_classes", "preset", "geometry", "input_norm"}
+    known = {"name", "n_classes", "preset", "geometry", "input_norm", "batch_norm"}
     unknown = set(arch) - known
     if unknown or "name" not in arch or "n_classes" not in arch:
         raise ValueError(f"bad arch {arch!r}: needs name and n_classes, may have {sorted(known)}")
@@ -351,6 +403,8 @@ def load_vgg16_imagenet(model: FCNBase, path: str | os.PathLike) -> FCNBase:
     (recorded in ``arch``). Never downloads.
     """
     preset = model.arch["preset"]
+    if model.arch["batch_norm"]:
+        raise ValueError("ImageNet VGG16 weights belong to the plain trunk; build the model with batch_norm=False")
     if preset != "vgg16":
         raise ValueError(f"ImageNet VGG16 weights need preset='vgg16', this model is preset={preset!r}")
     state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)

@@ -25,12 +25,18 @@ from fcn_core.checkpoint import load_checkpoint, load_model, model_state, save_c
 from fcn_core.config import Config
 from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
 from fcn_core.evaluate import evaluate
-from fcn_core.models import FCN8s, FCN16s, build_fcn, load_vgg16_imagenet
+from fcn_core.models import COARSER, MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
 from fcn_core.predict import autocast_for, resolve_device
 
-STAGES = ("fcn32s", "fcn16s", "fcn8s")
-PREVIOUS_STAGE = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}
+STAGES = MODEL_NAMES  # coarse to fine: fcn32s, fcn16s, fcn8s, then the die-level fcn4s, fcn2s, fcn1s
+PREVIOUS_STAGE = COARSER
+FINETUNE = "finetune"  # weak-label fine-tuning on real maps (fcn_core.weak): same model, more data
+
+
+def stages_to_train(cfg: Config) -> tuple[str, ...]:
+    """FCN-32s up to ``train.final_stage`` (the seed's cascade ends at fcn8s)."""
+    return STAGES[:STAGES.index(cfg.train.final_stage) + 1]
 
 EpochCallback = Callable[[dict], None]
 
@@ -80,11 +86,17 @@ def stage_device(cfg: Config) -> torch.device:
 
 # -- building blocks -------------------------------------------------------------------------
 def build_stage_model(cfg: Config, stage: str, init_checkpoint: str | None) -> nn.Module:
-    """FCN-32s from scratch (or ImageNet VGG16); 16s/8s from the previous stage's best weights."""
+    """FCN-32s from scratch (or ImageNet VGG16); every finer stage from the previous stage's best weights."""
+    if stage == FINETUNE:
+        if init_checkpoint is None:
+            raise ValueError("fine-tuning starts from a trained model: pass init_checkpoint")
+        model, _ = load_model(init_checkpoint)
+        return model.train()
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        raise ValueError(f"unknown stage {stage!r}; expected one of {(*STAGES, FINETUNE)}")
     if stage == "fcn32s" or init_checkpoint is None:
-        model = build_fcn(stage, n_classes=cfg.n_classes, preset=cfg.model.preset, geometry=cfg.model.geometry)
+        model = build_fcn(stage, n_classes=cfg.n_classes, preset=cfg.model.preset, geometry=cfg.model.geometry,
+                          batch_norm=cfg.model.batch_norm)
         if cfg.model.imagenet_weights:
             load_vgg16_imagenet(model, cfg.model.imagenet_weights)
         return model
@@ -92,7 +104,7 @@ def build_stage_model(cfg: Config, stage: str, init_checkpoint: str | None) -> n
     expected = PREVIOUS_STAGE[stage]
     if previous.arch["name"] != expected:
         raise ValueError(f"{stage} starts from {expected}, but {init_checkpoint} holds {previous.arch['name']}")
-    return FCN16s.from_fcn32s(previous) if stage == "fcn16s" else FCN8s.from_fcn16s(previous)
+    return from_coarser(stage, previous)
 
 
 def make_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -217,7 +229,7 @@ def train_stage(
     info = init_distributed(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed = cfg.train.seed + 1000 * STAGES.index(stage)
+    seed = cfg.train.seed + 1000 * (STAGES + (FINETUNE,)).index(stage)
     torch.manual_seed(seed)
 
     stage_dir = Path(out_dir) / stage
@@ -303,6 +315,8 @@ def train_stage(
             }
             history.append(record)
             improved = not math.isnan(record["val_mean_iu"]) and record["val_mean_iu"] > best_score
+            if stage == FINETUNE:  # its aim is real maps, which synthetic validation cannot judge: keep the last
+                improved = True
             if improved:
                 best_score, best_epoch = record["val_mean_iu"], epoch
             if info.is_main:
@@ -339,10 +353,10 @@ def train_all_stages(
     resume: bool = True,
     on_epoch: EpochCallback | None = None,
 ) -> dict[str, StageResult]:
-    """FCN-32s, then FCN-16s from the best 32s, then FCN-8s from the best 16s."""
+    """FCN-32s, then FCN-16s from the best 32s, FCN-8s from the best 16s, ... up to train.final_stage."""
     results: dict[str, StageResult] = {}
     init = None
-    for stage in STAGES:
+    for stage in stages_to_train(cfg):
         results[stage] = train_stage(cfg, stage=stage, train_set=train_set, val_set=val_set, out_dir=out_dir,
                                      init_checkpoint=init, resume=resume, on_epoch=on_epoch)
         init = results[stage].best_checkpoint

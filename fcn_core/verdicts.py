@@ -204,6 +204,45 @@ def wafer_verdicts(
     return verdicts_from_counts(dies, class_names=class_names, verdict=verdict)
 
 
+def model_verdict(model: object, cfg_verdict: VerdictConfig) -> VerdictConfig:
+    """The thresholds to judge ``model``'s segmentations with: its own calibrated ones, if it has them."""
+    own = getattr(model, "verdict", None)
+    return own if isinstance(own, VerdictConfig) else cfg_verdict
+
+
+CALIBRATION_MIN_DIES = (1, 3, 5, 8, 12)
+CALIBRATION_MIN_SHARE = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
+
+
+def calibrate_verdict(
+    dies: np.ndarray,
+    dataset_labels: Sequence[str | None],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    min_dies: Sequence[int] = CALIBRATION_MIN_DIES,
+    min_share: Sequence[float] = CALIBRATION_MIN_SHARE,
+) -> tuple[VerdictConfig, float]:
+    """The (min_dies, min_share) pair with the best macro-F1 of verdicts against dataset labels.
+
+    ``dies`` is the (N, n_classes) fail-die count matrix of a model's segmentations (one pass of
+    the model serves the whole grid). Ties keep the smaller thresholds. Calibrate on labelled maps
+    the score will not be reported on (the fine-tune part, never the held-out one).
+    """
+    labels = verdict_labels(class_names)
+    best: tuple[float, VerdictConfig] | None = None
+    for md in sorted(min_dies):
+        for ms in sorted(min_share):
+            candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source)
+            verdicts = verdicts_from_counts(dies, class_names=class_names, verdict=candidate)
+            f1 = real_eval_report(dataset_labels, verdicts.dominant_pattern, labels=labels).scores["macro_f1"]
+            if best is None or f1 > best[0]:
+                best = (f1, candidate)
+    if best is None:
+        raise ValueError("calibrate_verdict needs at least one min_dies and one min_share value")
+    return best[1], best[0]
+
+
 # -- scores ---------------------------------------------------------------------------------------
 def verdict_scores(true_patterns: Sequence[str], pred_patterns: Sequence[str], *, labels: Sequence[str]) -> dict:
     """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix.

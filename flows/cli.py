@@ -460,10 +460,11 @@ def _print_training(cfg: Config, result: dict, seconds: float) -> None:
         f"({result['stage']}, test mean IU on fail dies {score:.4f}) as [bold]{result['alias']}[/bold]"
         + (f" (champion re-scored {champion:.4f})" if champion is not None else "")
         + f" in {seconds:.0f} s")
-    real = result.get("real") or {}
-    if real:
-        console.print(f"real wafer maps: verdict accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} "
-                      f"on {int(real['n_wafers']):,} labelled wafers")
+    by_stage = result.get("real_by_stage") or ({result["stage"]: result["real"]} if result.get("real") else {})
+    for stage, real in by_stage.items():
+        console.print(f"real wafer maps, {stage}: verdict accuracy {real['accuracy']:.3f}, macro-F1 "
+                      f"{real['macro_f1']:.3f} on {int(real['n_wafers']):,} labelled wafers"
+                      + (" (held out from fine-tuning)" if len(by_stage) > 1 else ""))
     console.print(f"MLflow run {result['mlflow_run_id']}: browse with\n"
                   f"  mlflow ui --backend-store-uri {cfg.tracking_uri}")
 
@@ -484,7 +485,8 @@ def train(
 ) -> None:
     """Run the train-fcn flow here (Prefect's embedded API unless PREFECT_API_URL is set).
 
-    ingest -> preprocess/split -> FCN-32s -> FCN-16s -> FCN-8s -> evaluate -> register in MLflow
+    ingest -> preprocess/split -> FCN-32s -> FCN-16s -> FCN-8s (-> 4s -> 2s -> 1s, train.final_stage)
+    (-> weak-label fine-tuning on real maps, train.finetune.enabled) -> evaluate -> register in MLflow
     (alias champion if at least as good as the current champion on this run's test split).
     """
     import time

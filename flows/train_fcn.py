@@ -1,5 +1,6 @@
 """Flow ``train-fcn``: ingest -> validate/quarantine -> preprocess/split -> FCN-32s -> FCN-16s -> FCN-8s
--> evaluate -> register.
+(-> FCN-4s -> 2s -> 1s, per ``train.final_stage``) (-> weak-label fine-tuning on real maps, per
+``train.finetune.enabled``) -> evaluate -> register.
 
     prefect deployment run train-fcn/train-fcn -p params='{"config": "tiny"}'
 
@@ -22,13 +23,13 @@ from prefect.runtime import flow_run
 
 from fcn_core.config import Config
 from fcn_core.evaluate import STAGE_TITLES
-from fcn_core.train import STAGES
+from fcn_core.train import FINETUNE, STAGES, stages_to_train
 from flows.params import TrainParams
 from flows.steps import ingest_drops
 from tasks import tracking
 from tasks.data import snapshot_splits, synthesise_drop
 from tasks.runtime import ensure_concurrency_limit
-from tasks.training import evaluate_stages, register_task, train_stage_task
+from tasks.training import calibrate_task, evaluate_stages, prepare_real_task, register_task, train_stage_task
 
 __all__ = ["TrainParams", "train_fcn"]
 
@@ -40,7 +41,11 @@ def _with_source(cfg: Config, source: str | None) -> Config:
 
 
 def choose_stage(results: dict[str, dict]) -> str:
-    """The stage to register: best validation mean IU (fail dies); ties go to the finer stage."""
+    """The stage to register: the fine-tuned model when there is one (that is what fine-tuning is
+    switched on for), else the best validation mean IU (fail dies); ties go to the finer stage."""
+    if FINETUNE in results:
+        return FINETUNE
+
     def key(stage: str) -> tuple[float, int]:
         score = results[stage]["best_val_mean_iu"]
         return (score if score is not None and math.isfinite(score) else -math.inf, STAGES.index(stage))
@@ -70,16 +75,26 @@ def _results_markdown(cfg: Config, *, parent_run_id: str, registration: dict, ev
 
 
 def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run_dir: Path) -> dict[str, dict]:
-    """FCN-32s -> 16s -> 8s, each from the previous stage's best checkpoint, each in its own MLflow run."""
+    """FCN-32s -> 16s -> 8s (-> 4s -> 2s -> 1s), each from the previous stage's best checkpoint, then
+    the optional weak-label fine-tuning on real maps; each stage in its own MLflow run."""
+    stages = list(stages_to_train(cfg)) + ([FINETUNE] if cfg.finetune_enabled else [])
+    # with real maps at hand, the synthetic-only model and the fine-tuned one both get verdict
+    # thresholds fitted on the fine-tune part, so the held-out comparison is like for like
+    calibrated = {stages[-2], FINETUNE} if cfg.finetune_enabled else set()
     results: dict[str, dict] = {}
     init = None
-    for stage in STAGES:
+    for stage in stages:
         stage_run = tracking.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
         status = "FAILED"
         try:
+            train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
             results[stage] = train_stage_task(
-                config=cfg.to_dict(), stage=stage, train_path=paths["train"], val_path=paths["val"],
+                config=cfg.to_dict(), stage=stage, train_path=train_path, val_path=paths["val"],
                 out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
+            if stage in calibrated:
+                results[stage]["best_checkpoint"] = calibrate_task(
+                    config=cfg.to_dict(), checkpoint=results[stage]["best_checkpoint"],
+                    real_path=paths["real_finetune"], stage_run_id=stage_run)
             status = "FINISHED"
         finally:
             tracking.end_run(client, stage_run, status)
@@ -105,7 +120,12 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
                         max_quarantined_share=params.max_quarantined_share)
     snap = snapshot_splits(curated_root=str(curated_root), out_dir=str(run_dir / "data"),
                            pad_multiple=cfg.data.pad_multiple, pad_fixed=cfg.data.pad_fixed)
-    paths = snap["paths"]
+    paths = dict(snap["paths"])
+    if cfg.finetune_enabled:  # real maps: weak labels for fine-tuning, a held-out part for scores
+        real = prepare_real_task(config=cfg.to_dict(), train_path=paths["train"], out_dir=str(run_dir / "data"))
+        paths["finetune_train"] = real["paths"]["train"]  # weak real maps (+ synthetic train)
+        paths["real_finetune"] = real["paths"]["real_finetune"]  # all real maps outside the holdout
+        paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
 
     client = tracking.configure(cfg)
     parent = tracking.start_parent_run(client, cfg, data_fingerprint=tracking.data_fingerprint(list(paths.values())))
@@ -121,11 +141,13 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         with concurrency(params.gpu_limit, occupy=1):
             results = train_stages(cfg, client=client, parent=parent, paths=paths, run_dir=run_dir)
             chosen = choose_stage(results)
+            # with fine-tuning, compare the last synthetic-only stage and the fine-tuned model on held-out real maps
+            real_stages = [stages_to_train(cfg)[-1], FINETUNE] if FINETUNE in results else [chosen]
             evaluation = evaluate_stages(
                 config=cfg.to_dict(), checkpoints={s: r["best_checkpoint"] for s, r in results.items()},
                 test_path=paths["test"], out_dir=str(run_dir / "evaluation"),
                 histories=[h for r in results.values() for h in r["history"]], parent_run_id=parent,
-                model_stage=chosen)
+                model_stage=chosen, real_path=paths.get("real_holdout"), real_stages=real_stages)
             registration = register_task(
                 config=cfg.to_dict(), parent_run_id=parent, checkpoint=results[chosen]["best_checkpoint"],
                 candidate_score=evaluation["scores"][chosen]["fail_only"]["mean_iu"], test_path=paths["test"])
@@ -149,6 +171,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         "champion_score": registration["champion_score"],
         "scores": {s: v["fail_only"]["mean_iu"] for s, v in evaluation["scores"].items()},
         "real": evaluation.get("real", {}),
+        "real_by_stage": evaluation.get("real_by_stage", {}),
         "data": {"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}},
         "run_dir": str(run_dir),
     }

@@ -12,18 +12,21 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fcn_core.checkpoint import load_model
+from fcn_core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fcn_core.config import Config, config_from_dict
 from fcn_core.data import WaferSet
-from fcn_core.evaluate import EvalScores, evaluate, evaluate_real, results_frame, write_real_report, write_report
+from fcn_core.evaluate import STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report, write_report
 from fcn_core.predict import predict_maps, resolve_device
 from fcn_core.render import render_curves, render_wafers
-from fcn_core.table import FAIL, read_parquet
-from fcn_core.validate import validate_table
+from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic
 from fcn_core.train import train_stage
+from fcn_core.validate import validate_table
+from fcn_core.verdicts import calibrate_verdict, count_fail_dies, model_verdict
+from fcn_core.weak import holdout_mask, weak_label_table
 from tasks import tracking
 
 OVERLAY_WAFERS = 8
@@ -55,6 +58,70 @@ def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str
     return result.to_dict()
 
 
+@task(name="prepare-real-maps", cache_policy=NO_CACHE)
+def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
+    """Split the real labelled maps into a fine-tune part and a held-out part (by lot, fixed salt),
+    weak-label the fine-tune part and write this run's fine-tuning train set.
+
+    Returns paths (``train``: weak real maps, plus the synthetic train split when
+    ``mix_synthetic``; ``holdout``: real maps for evaluation only; ``real_finetune``: the other
+    real maps, all of them, for calibrating verdict thresholds) and counts.
+    """
+    cfg = config_from_dict(config)
+    ft = cfg.train.finetune
+    source = cfg.eval.real_data_path()
+    if not source:
+        raise ValueError("train.finetune.enabled=true needs real labelled maps, but eval.real_data is unset and "
+                         "../shared/data/wm811k-val.parquet is absent: set eval.real_data to a wafer table")
+    checked = validate_table(read_parquet(source), n_classes=cfg.n_classes)
+    real = checked.valid  # exactly WAFER_SCHEMA
+    held = holdout_mask(real, fraction=ft.holdout_fraction)
+    weak, report = weak_label_table(real.filter(pa.array(~held)), class_names=cfg.class_names,
+                                    max_per_class=ft.max_per_class, seed=cfg.train.seed)
+    parts = [weak]
+    if ft.mix_synthetic:
+        parts.append(read_parquet(train_path).select(WAFER_COLUMNS).cast(WAFER_SCHEMA))
+    out = Path(out_dir)
+    paths = {"train": str(out / "finetune_train.parquet"), "holdout": str(out / "real_holdout.parquet"),
+             "real_finetune": str(out / "real_finetune.parquet")}
+    write_parquet_atomic(pa.concat_tables(parts), paths["train"])
+    write_parquet_atomic(real.filter(pa.array(held)), paths["holdout"])
+    write_parquet_atomic(real.filter(pa.array(~held)), paths["real_finetune"])  # for verdict calibration
+    counts = {"real_valid": real.num_rows, "real_quarantined": checked.n_quarantined,
+              "holdout": int(held.sum()), "weak": weak.num_rows,
+              "synthetic": parts[1].num_rows if len(parts) > 1 else 0}
+    get_run_logger().info("real maps %s: %d held out for evaluation; %d weakly labelled for fine-tuning %s "
+                          "(dropped %s), plus %d synthetic", source, counts["holdout"], counts["weak"],
+                          report.kept, report.dropped or "none", counts["synthetic"])
+    return {"paths": paths, "counts": counts, "kept": report.kept, "dropped": report.dropped}
+
+
+@task(name="calibrate-verdicts", cache_policy=NO_CACHE)
+def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_id: str) -> str:
+    """Choose the fine-tuned model's verdict thresholds (min_dies, min_share) for the best macro-F1 on
+    the real maps it was fine-tuned on (never the held-out ones); returns a checkpoint that carries them."""
+    cfg = config_from_dict(config)
+    device = resolve_device(cfg.train.device)
+    model, model_cfg = load_model(checkpoint, device=device)
+    real = read_parquet(real_path)
+    wafers = WaferSet.from_table(real)
+    preds = predict_maps(model, wafers.die, device=device, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    dies = count_fail_dies(preds, wafers.die, n_classes=cfg.n_classes)
+    verdict, f1 = calibrate_verdict(dies, real.column("wafer_label").to_pylist(), class_names=cfg.class_names,
+                                    source=Path(real_path).name)
+    state = load_checkpoint(checkpoint)
+    state["config"] = model_cfg.model_copy(update={"verdict": verdict}).to_dict()
+    dest = save_checkpoint(Path(checkpoint).with_name("calibrated.pt"), state)
+    client = tracking.configure(cfg)
+    for key, value in (("calibration/min_dies", verdict.min_dies), ("calibration/min_share", verdict.min_share),
+                       ("calibration/macro_f1", f1)):
+        client.log_metric(stage_run_id, key, float(value))
+    get_run_logger().info("verdict thresholds calibrated on %d real maps: min_dies %d, min_share %.2f (macro-F1 %.3f "
+                          "there; scores are reported on the held-out maps only)", real.num_rows, verdict.min_dies,
+                          verdict.min_share, f1)
+    return str(dest)
+
+
 def _scores_dict(s: EvalScores) -> dict:
     """JSON-friendly scores (no confusion matrices): for task results and artifacts."""
     def clean(d: dict) -> dict:
@@ -74,11 +141,14 @@ def _overlay(cfg: Config, model, test: WaferSet, path: Path) -> Path:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str, out_dir: str,
-                    histories: list[dict], parent_run_id: str, model_stage: str) -> dict:
+                    histories: list[dict], parent_run_id: str, model_stage: str, real_path: str | None = None,
+                    real_stages: list[str] | None = None) -> dict:
     """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
 
-    The overlay picture shows ``model_stage`` (the stage that will be registered). Returns the
-    per-stage scores, the results rows and the written files.
+    The overlay picture shows ``model_stage`` (the stage that will be registered). Real-map
+    verdicts are scored for ``real_stages`` (default: ``model_stage``) on ``real_path`` (default:
+    ``eval.real_data``; the held-out part when fine-tuning). Returns the per-stage scores, the
+    results rows, the written files and the real-map metrics.
     """
     cfg = config_from_dict(config)
     client = tracking.configure(cfg)
@@ -95,26 +165,33 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
     paths["overlay"] = str(_overlay(cfg, models[model_stage].cpu(), test, out / f"test_overlay_{model_stage}.png"))
     if histories:
         paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
-    real_metrics = _evaluate_real_maps(cfg, models[model_stage], out, paths, device=device)
+    real_source = real_path or cfg.eval.real_data_path()
+    real_stages = real_stages or [model_stage]
+    real_by_stage: dict[str, dict[str, float]] = {}
+    for stage in real_stages if real_source else []:
+        folder = out if len(real_stages) == 1 else out / f"real_{stage}"
+        real_paths, real_by_stage[stage] = _evaluate_real_maps(
+            cfg, models[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
+            title=f"{STAGE_TITLES.get(stage, stage)} on real wafer maps" + (" (held-out part)" if real_path else ""))
+        paths.update(real_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in real_paths.items()})
     tracking.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
     for stage, s in scores.items():
         for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
             for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
                 if (v := _finite(values[key])) is not None:
                     client.log_metric(parent_run_id, f"test/{stage}/{scope}_{key}", v)
-    for key, value in real_metrics.items():
-        if (v := _finite(value)) is not None:
-            client.log_metric(parent_run_id, f"real/{model_stage}/{key}", v)
+    for stage, metrics in real_by_stage.items():
+        for key, value in metrics.items():
+            if (v := _finite(value)) is not None:
+                client.log_metric(parent_run_id, f"real/{stage}/{key}", v)
     rows = results_frame(scores, class_names=cfg.class_names).replace({np.nan: None}).to_dict(orient="records")
     return {"scores": {k: _scores_dict(v) for k, v in scores.items()}, "rows": rows, "paths": paths,
-            "real": real_metrics}
+            "real": real_by_stage.get(model_stage, {}), "real_by_stage": real_by_stage}
 
 
-def _evaluate_real_maps(cfg: Config, model, out: Path, paths: dict[str, str], *, device) -> dict[str, float]:
-    """Wafer-level verdicts on real labelled maps (cfg.eval.real_data); appended to results.md."""
-    source = cfg.eval.real_data_path()
-    if not source:
-        return {}
+def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, device, source: str,
+                        title: str) -> tuple[dict[str, str], dict[str, float]]:
+    """Wafer-level verdicts on real labelled maps, written to ``out`` and appended to results.md."""
     log = get_run_logger()
     result = validate_table(read_parquet(source), n_classes=cfg.n_classes)
     table = result.valid
@@ -123,13 +200,17 @@ def _evaluate_real_maps(cfg: Config, model, out: Path, paths: dict[str, str], *,
         pick = np.random.default_rng(0).choice(table.num_rows, cfg.eval.real_max_wafers, replace=False)
         table = table.take(np.sort(pick))
     real = evaluate_real(model, table, cfg=cfg, device=device)
-    paths.update(write_real_report(real, table, out, cfg=cfg))
+    paths = write_real_report(real, table, out, cfg=cfg)
     metrics = real.report.metrics(prefix="")
-    with open(paths["results_md"], "a") as md:
-        md.write(f"\n## Real wafer maps ({Path(source).name}, {table.num_rows:,} wafers)\n\n{real.report.markdown}\n")
-    log.info("real maps %s: accuracy %.3f, macro-F1 %.3f on %d wafers", source, metrics.get("accuracy", float("nan")),
+    verdict = model_verdict(model, cfg.verdict)
+    thresholds = (f"Verdict thresholds: min_dies {verdict.min_dies}, min_share {verdict.min_share:g} ("
+                  + (f"calibrated on {verdict.calibrated_on}" if verdict.calibrated_on else "config") + ").")
+    with open(results_md, "a") as md:
+        md.write(f"\n## {title} ({Path(source).name}, {table.num_rows:,} wafers)\n\n{thresholds}\n\n"
+                 f"{real.report.markdown}\n")
+    log.info("%s %s: accuracy %.3f, macro-F1 %.3f on %d wafers", title, source, metrics.get("accuracy", float("nan")),
              metrics.get("macro_f1", float("nan")), table.num_rows)
-    return metrics
+    return paths, metrics
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)

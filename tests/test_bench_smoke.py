@@ -57,9 +57,10 @@ def test_training_bench(bench, tmp_path):
         "--sections", "train_stage,levers,gpu",
     ])
     data = _load(tmp_path / "training.json")
-    assert [r["stage"] for r in data["train_stage"]] == ["fcn32s", "fcn16s", "fcn8s"]
+    stages = ["fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
+    assert [r["stage"] for r in data["train_stage"]] == stages
     assert all(r["wafers_per_s"] > 0 for r in data["train_stage"])
-    assert len(data["step_levers"]) == 3 * 4 and all(math.isfinite(r["per_s"]) for r in data["step_levers"])
+    assert len(data["step_levers"]) == len(stages) * 4 and all(math.isfinite(r["per_s"]) for r in data["step_levers"])
 
 
 def test_memory_bench(bench, tmp_path):

@@ -55,3 +55,14 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert cfg.tracking_uri == "http://127.0.0.1:5000"
     explicit = Config(home=str(tmp_path), tracking={"tracking_uri": "sqlite:////x.db"})
     assert explicit.tracking_uri == "sqlite:////x.db"
+
+
+def test_finetune_auto_follows_the_presence_of_real_maps(tmp_path):
+    real = tmp_path / "real.parquet"
+    auto = {"train.finetune.enabled": "auto"}
+    assert load_config("tiny", {**auto, "eval.real_data": None}).finetune_enabled is False
+    assert load_config("tiny", {**auto, "eval.real_data": str(real)}).finetune_enabled is True
+    assert load_config("tiny", {"train.finetune.enabled": True, "eval.real_data": None}).finetune_enabled is True
+    assert load_config("tiny").finetune_enabled is False  # tiny leaves it off
+    with pytest.raises(ValueError):
+        load_config("tiny", {"train.finetune.enabled": "sometimes"})

@@ -50,7 +50,7 @@ def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
     result = state.result()
     assert (result["registered_model"], result["registered_version"], result["alias"]) == ("wafer-fcn", "1",
                                                                                            "champion")
-    assert set(result["scores"]) == {"fcn32s", "fcn16s", "fcn8s"}
+    assert list(result["scores"]) == ["fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
     assert result["stage"] in result["scores"]
     assert result["candidate_score"] == result["scores"][result["stage"]]
     assert sum(result["data"]["counts"].values()) == 120 and result["data"]["rows_quarantined"] == 0
@@ -62,7 +62,7 @@ def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["fcn16s", "fcn32s", "fcn8s"]
+    assert sorted(r.info.run_name for r in children) == ["fcn16s", "fcn1s", "fcn2s", "fcn32s", "fcn4s", "fcn8s"]
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in children)
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert {"evaluation/results.md", "evaluation/results.csv", "evaluation/learning_curves.png",
@@ -74,13 +74,13 @@ def test_train_flow_task_runs_and_artifacts(trained):
     home, state = trained
     flow_run_id = state.state_details.flow_run_id
     runs = task_runs_of(flow_run_id)
-    assert {"train-fcn32s", "train-fcn16s", "train-fcn8s"} <= set(runs)
+    assert {"train-fcn32s", "train-fcn16s", "train-fcn8s", "train-fcn1s"} <= set(runs)
     assert any(name.startswith("ingest-") for name in runs)
     artifacts = artifacts_of(flow_run_id)
     table = artifacts["train-fcn-results"]
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [r["model"] for r in rows] == ["FCN-32s", "FCN-16s", "FCN-8s"]
+    assert [r["model"] for r in rows] == ["FCN-32s", "FCN-16s", "FCN-8s", "FCN-4s", "FCN-2s", "FCN-1s"]
     md = artifacts["train-fcn-mlflow"]
     assert md.type == "markdown" and state.result()["mlflow_run_id"] in md.data and "champion" in md.data
     with get_client(sync_client=True) as client:
@@ -155,3 +155,62 @@ def test_choose_stage_prefers_best_validation_then_the_finer_stage():
     assert choose_stage(res) == "fcn8s"
     res["fcn8s"]["best_val_mean_iu"] = float("nan")
     assert choose_stage(res) == "fcn16s"
+
+
+def test_choose_stage_registers_the_fine_tuned_model_when_there_is_one():
+    res = {"fcn8s": {"best_val_mean_iu": 0.7}, "finetune": {"best_val_mean_iu": 0.5}}
+    assert choose_stage(res) == "finetune"
+
+
+def real_like_maps(path, n: int = 60):
+    """Synthetic wafers dressed as a real labelled set: WM-811K wafer labels, no die-level labels."""
+    names = {"none": "None", "ring": "Edge-Ring", "scratch": "Scratch", "local zone": "Loc", "circle": "Center"}
+    table = generate_wafers(n, seed=11, synth=load_config("tiny").data.synth)
+    labels = [names.get(x, "Near-full" if "+" in x else "None") for x in table.column("wafer_label").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("wafer_label"), "wafer_label", pa.array(labels))
+    table = table.set_column(table.schema.get_field_index("label_map"), "label_map",
+                             pa.nulls(n, pa.binary()))
+    write_parquet_atomic(table, path)
+    return path
+
+
+def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out_part(prefect_harness, tmp_path):
+    real = real_like_maps(tmp_path / "real.parquet")
+    state = train_fcn(TrainParams(config="tiny", overrides={
+        **SMALL_LOTS, "home": str(tmp_path / "home"), "eval.real_data": str(real),
+        "train.finetune.enabled": True, "train.finetune.epochs": 1, "train.finetune.holdout_fraction": 0.4}),
+        return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stage"] == "finetune" and "finetune" in result["scores"]
+    last = list(result["scores"])[-2]  # the cascade's last stage, scored beside the fine-tuned model
+    assert set(result["real_by_stage"]) == {last, "finetune"}
+    held_out = int(result["real_by_stage"]["finetune"]["n_wafers"])
+    assert 0 < held_out < 60  # only the held-out part is scored (Near-full rows are left out as well)
+    run_data = tmp_path / "home" / "runs"
+    (holdout,) = run_data.glob("*/data/real_holdout.parquet")
+    (tuned,) = run_data.glob("*/data/finetune_train.parquet")
+    from fcn_core.table import read_parquet
+
+    held_ids = set(read_parquet(holdout).column("wafer_id").to_pylist())
+    tuned_ids = set(read_parquet(tuned).column("wafer_id").to_pylist())
+    assert held_ids and not held_ids & tuned_ids  # never trained on what is scored
+    assert any(i.startswith("syn-11-") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
+    # the registered model carries the verdict thresholds calibrated on the fine-tune part
+    from tasks.tracking import load_champion
+
+    cfg = load_config("tiny", {"home": str(tmp_path / "home")})
+    model, _, version = load_champion(cfg)
+    assert version == result["registered_version"]
+    assert model.verdict.calibrated_on == "real_finetune.parquet"
+    results_md = next(run_data.glob("*/evaluation/results.md")).read_text()
+    assert results_md.count("calibrated on real_finetune.parquet") == 2  # FCN-1s and the fine-tuned model
+
+
+def test_fine_tuning_without_real_maps_fails_with_a_clear_message(prefect_harness, tmp_path):
+    state = train_fcn(TrainParams(config="tiny", overrides={
+        **SMALL_LOTS, "home": str(tmp_path / "home"), "eval.real_data": None, "train.finetune.enabled": True}),
+        return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="needs real labelled maps"):
+        state.result()

@@ -16,6 +16,7 @@ from fcn_core.models import (
     build_fcn,
     count_parameters,
     fcn_from_arch,
+    from_coarser,
     forward_gflops,
     load_vgg16_imagenet,
 )
@@ -93,7 +94,7 @@ def test_seed_layer_names_and_sizes() -> None:
     assert not any("." in k.rsplit(".", 1)[0] for k in keys)  # flat, as in the classic layout
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", sorted(SEED_OFFSETS))  # finer stages: test_output_is_centred_on_the_input_grid
 def test_crop_offsets_from_geometry(name: str) -> None:
     assert meta_fcn(name, n_classes=21, preset="vgg16", geometry="classic").crop_offsets == SEED_OFFSETS[name]
     assert build_fcn(name, n_classes=5, geometry="classic").crop_offsets == SEED_OFFSETS[name]  # widths don't matter
@@ -108,8 +109,9 @@ def test_coord_map_follows_caffe() -> None:
     assert g == CoordMap(Fraction(1, 2), Fraction(99, 2) - Fraction(1, 4))
     up = CoordMap(Fraction(1, 32), Fraction(-31, 64)).then(nn.ConvTranspose2d(2, 2, 64, stride=32, padding=16))
     assert up == CoordMap(Fraction(1), Fraction(0))
-    with pytest.raises(TypeError, match="BatchNorm2d"):
-        CoordMap().then(nn.BatchNorm2d(3))
+    assert CoordMap().then(nn.BatchNorm2d(3)) == CoordMap()  # per-pixel layers keep the grid
+    with pytest.raises(TypeError, match="Linear"):
+        CoordMap().then(nn.Linear(3, 3))
 
 
 def mirror_symmetric(model: nn.Module) -> nn.Module:
@@ -135,11 +137,13 @@ def test_output_is_centred_on_the_input_grid(name: str, geometry: str) -> None:
     model = mirror_symmetric(build_fcn(name, n_classes=2, geometry=geometry)).eval()
     x = torch.rand(1, 3, *SYMMETRIC_SIZE[geometry])
     with torch.no_grad():
-        for score in ("score_fr", "score_pool4", "score_pool3"):
-            if hasattr(model, score):
-                getattr(model, score).weight.normal_()  # make every skip matter
+        for name, layer in model.named_children():
+            if name.startswith("score_"):
+                layer.weight.normal_()  # make every skip matter
         torch.testing.assert_close(model(x.flip(-1)), model(x).flip(-1))
         final = getattr(model, model.final[0])
+        if not isinstance(final, nn.ConvTranspose2d):  # FCN-1s: no final upsampler to shift
+            return
         offset = model.crop_offsets[model.final[0]]
         delta = -1 if final.padding[0] > 0 else 1
         final.padding = (final.padding[0] + delta,) * 2  # the output moves by one die...
@@ -267,16 +271,54 @@ def test_staged_fine_tuning_copies_and_initialises(geometry: str) -> None:
         FCN8s.from_fcn16s(m32)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_finer_stages_start_as_the_coarser_model(geometry: str) -> None:
+    """FCN-4s/2s/1s: one more zero-initialised skip each, everything else copied."""
+    torch.manual_seed(0)
+    coarser = perturbed(build_fcn("fcn8s", n_classes=4, geometry=geometry))
+    for name, new_score, new_ups in (("fcn4s", "score_pool2", ["upscore_pool3", "upscore4"]),
+                                     ("fcn2s", "score_pool1", ["upscore_pool2", "upscore2_out"]),
+                                     ("fcn1s", "score_conv1_2", ["upscore_pool1"])):
+        finer = from_coarser(name, coarser)
+        assert finer.arch == {**coarser.arch, "name": name}
+        old, new = coarser.state_dict(), finer.state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in set(old) & set(new))
+        assert set(new) - set(old) == {f"{new_score}.weight", f"{new_score}.bias", *(f"{u}.weight" for u in new_ups)}
+        assert not getattr(finer, new_score).weight.any()
+        assert_bilinear(finer, new_ups)
+        coarser = perturbed(finer)
+    x = torch.randn(2, 3, 45, 38)
+    fcn2s = from_coarser("fcn2s", perturbed(from_coarser("fcn4s", perturbed(build_fcn("fcn8s", n_classes=4)))))
+    # FCN-1s has no final upsampler; at its start it computes exactly what FCN-2s did
+    assert torch.allclose(from_coarser("fcn1s", fcn2s).eval()(x), fcn2s.eval()(x), atol=1e-5)
+    with pytest.raises(TypeError, match="FCN2s"):
+        from_coarser("fcn1s", coarser)  # coarser is an FCN1s now
+    with pytest.raises(ValueError, match="no coarser stage"):
+        from_coarser("fcn32s", coarser)
+
+
+def test_batch_norm_trunk() -> None:
+    m = build_fcn("fcn8s", n_classes=5, batch_norm=True)
+    bns = [n for n, layer in m.named_children() if isinstance(layer, nn.BatchNorm2d)]
+    assert len(bns) == 13 and bns[0] == "bn1_1" and bns[-1] == "bn5_3"
+    assert m.arch["batch_norm"] is True
+    rebuilt = fcn_from_arch(m.arch)
+    rebuilt.load_state_dict(m.state_dict())  # strict: BN weights and running stats included
+    assert m.crop_offsets == build_fcn("fcn8s", n_classes=5).crop_offsets
+    with pytest.raises(ValueError, match="batch_norm=False"):
+        load_vgg16_imagenet(build_fcn("fcn32s", n_classes=5, preset="vgg16", batch_norm=True), "absent.pth")
+
+
 def test_arch_round_trip_and_errors() -> None:
     m = build_fcn("fcn16s", n_classes=7, geometry="classic")
     assert m.arch == {"name": "fcn16s", "n_classes": 7, "preset": "compact", "geometry": "classic",
-                      "input_norm": "none"}
+                      "input_norm": "none", "batch_norm": False}
     rebuilt = fcn_from_arch(m.arch)
     assert type(rebuilt) is FCN16s
     rebuilt.load_state_dict(m.state_dict())  # strict: same keys and shapes
     assert isinstance(fcn_from_arch({"name": "fcn32s", "n_classes": 2}), FCN32s)
-    with pytest.raises(ValueError, match="unknown model 'fcn4s'"):
-        build_fcn("fcn4s", n_classes=5)
+    with pytest.raises(ValueError, match="unknown model 'fcn64s'"):
+        build_fcn("fcn64s", n_classes=5)
     with pytest.raises(ValueError, match="unknown preset"):
         build_fcn("fcn8s", n_classes=5, preset="resnet")
     with pytest.raises(ValueError, match="unknown geometry"):

@@ -9,7 +9,7 @@ from fcn_core.checkpoint import load_checkpoint, load_model
 from fcn_core.config import load_config
 from fcn_core.data import WaferSet
 from fcn_core.synth import generate_wafers
-from fcn_core.train import STAGES, build_stage_model, train_all_stages, train_stage
+from fcn_core.train import STAGES, build_stage_model, stages_to_train, train_all_stages, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_staged_training_chains_checkpoints(cfg, sets, tmp_path):
     records = []
     results = train_all_stages(cfg, train_set=sets[0], val_set=sets[1], out_dir=tmp_path, on_epoch=records.append)
     assert list(results) == list(STAGES)
-    assert [r["stage"] for r in records] == ["fcn32s", "fcn32s", "fcn16s", "fcn8s"]
+    assert [r["stage"] for r in records] == ["fcn32s", "fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
     for r in records:
         assert math.isfinite(r["train_loss"]) and r["wafers_per_s"] > 0 and 0 <= r["val_mean_iu"] <= 1
     # checkpoints are weights_only-safe and carry config + arch
@@ -41,6 +41,25 @@ def test_staged_training_chains_checkpoints(cfg, sets, tmp_path):
     m16 = build_stage_model(cfg, "fcn16s", results["fcn32s"].best_checkpoint)
     assert torch.equal(m16.conv1_1.weight, m32.conv1_1.weight)
     assert torch.count_nonzero(m16.score_pool4.weight) == 0
+    # the die-level end of the cascade, and a config that stops where the paper did
+    assert load_checkpoint(results["fcn1s"].best_checkpoint)["arch"]["name"] == "fcn1s"
+    assert stages_to_train(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"final_stage": "fcn8s"})})) == ("fcn32s", "fcn16s", "fcn8s")
+
+
+def test_finetune_stage_continues_the_given_model(cfg, sets, tmp_path):
+    first = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path)
+    start, _ = load_model(first.best_checkpoint)
+    tuned = build_stage_model(cfg, "finetune", first.best_checkpoint)
+    assert type(tuned) is type(start) and torch.equal(tuned.conv1_1.weight, start.conv1_1.weight)
+    result = train_stage(cfg, stage="finetune", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
+                         init_checkpoint=first.best_checkpoint)
+    assert [r["stage"] for r in result.history] == ["finetune"] * cfg.train.finetune.epochs
+    assert load_checkpoint(result.last_checkpoint)["arch"]["name"] == "fcn32s"
+    with pytest.raises(ValueError, match="init_checkpoint"):
+        build_stage_model(cfg, "finetune", None)
+    with pytest.raises(ValueError, match="unknown stage 'fcn64s'"):
+        train_stage(cfg, stage="fcn64s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path)
 
 
 def test_resume_continues_an_interrupted_stage(cfg, sets, tmp_path):

@@ -12,10 +12,12 @@ from fcn_core.config import DEFAULT_CLASSES, VerdictConfig
 from fcn_core.verdicts import (
     LABEL_MAP,
     UNLABELLED,
+    calibrate_verdict,
     count_fail_dies,
     dataset_label_patterns,
     map_dataset_label,
     miss_examples,
+    model_verdict,
     real_eval_report,
     verdict_labels,
     verdict_scores,
@@ -207,3 +209,31 @@ def test_miss_examples_rank_confusions() -> None:
     assert out[0][:2] == ("ring", "none") and out[0][2][0] in (0, 1)
     assert out[1] == ("circle", "ring", [3])
     assert len(out) == 2
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def test_calibration_picks_the_thresholds_with_the_best_macro_f1() -> None:
+    # wafers 0-3 are 'None' maps with 4 stray scratch dies each; wafers 4-5 are true scratches (20 dies)
+    dies = counts(*[[40, 0, 4, 0, 0]] * 4, [10, 0, 20, 0, 0], [12, 0, 20, 0, 0])
+    labels = ["None"] * 4 + ["Scratch"] * 2
+    loose = VerdictConfig(min_dies=3, min_share=0.05)
+    assert verdicts_from_counts(dies, class_names=CLASSES, verdict=loose).dominant_pattern[:4] == ["scratch"] * 4
+    best, f1 = calibrate_verdict(dies, labels, class_names=CLASSES, source="part.parquet",
+                                 min_dies=(3, 5, 8), min_share=(0.05,))
+    assert (best.min_dies, best.min_share, best.calibrated_on) == (5, 0.05, "part.parquet")  # 5 and 8 tie: smaller
+    assert calibrate_verdict(dies, labels, class_names=CLASSES, source="p", min_dies=(3,),
+                             min_share=(0.05, 0.5, 0.6))[0].min_share == 0.5
+    verdicts = verdicts_from_counts(dies, class_names=CLASSES, verdict=best)
+    assert verdicts.dominant_pattern == ["none"] * 4 + ["scratch"] * 2
+    assert f1 == pytest.approx(real_eval_report(labels, verdicts.dominant_pattern, labels=LABELS).scores["macro_f1"])
+
+
+def test_a_model_with_calibrated_thresholds_is_judged_by_them() -> None:
+    class Model:
+        pass
+
+    default = VerdictConfig()
+    model = Model()
+    assert model_verdict(model, default) is default
+    model.verdict = VerdictConfig(min_dies=8, calibrated_on="x")
+    assert model_verdict(model, default).min_dies == 8
