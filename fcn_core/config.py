@@ -148,6 +148,9 @@ class FinetuneConfig(StageConfig):
     max_per_class: int | None = Field(
         1000, ge=1, description="cap on weakly labelled wafers per mapped class (WM-811K is 59 % 'none')")
     mix_synthetic: bool = Field(True, description="train on the synthetic train split too (keeps die-level skill)")
+    candidate: bool = Field(
+        False, description="make the fine-tuned model the registry candidate rather than the best cascade "
+                           "stage: better wafer verdicts on real maps, worse die labels (numbers: README)")
 
 
 class TrainConfig(_Strict):

@@ -4,8 +4,8 @@
         --out runs/ckpt --config default [--stage fcn8s --init runs/ckpt/fcn16s/best.pt]
 
 Every rank reads the (small) tables, then DistributedDataParallel shares the steps; rank 0 writes
-checkpoints and prints one JSON line per finished stage. Without ``--stage`` all three stages run
-in sequence, each from the previous stage's best checkpoint.
+checkpoints and prints one JSON line per finished stage. Without ``--stage`` the stages up to
+``train.final_stage`` run in sequence, each from the previous stage's best checkpoint.
 """
 
 from __future__ import annotations

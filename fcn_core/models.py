@@ -251,7 +251,7 @@ class FCNBase(nn.Module):
             elif name == "score_fr":
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
-            elif name.startswith("score_") and name != "score_fr":  # new skips start as no-ops: the coarser net's output
+            elif name.startswith("score_"):  # a new skip starts as a no-op: the coarser net's output
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
             elif isinstance(layer, nn.BatchNorm2d):

@@ -220,7 +220,8 @@ def train_stage(
     """Train one stage; checkpoints every epoch to ``out_dir/<stage>/{last,best}.pt``.
 
     With ``resume`` an interrupted stage continues from ``last.pt`` (model, optimiser, schedule,
-    RNG and history); the best epoch by validation mean IU on fail dies is kept in ``best.pt``.
+    RNG and history); the best epoch by validation mean IU on fail dies is kept in ``best.pt`` (for
+    ``finetune``: the last epoch).
     """
     train_set.require_labels("training")
     val_set.require_labels("validation")

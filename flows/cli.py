@@ -543,7 +543,8 @@ def demo(
 ) -> None:
     """The whole product on embedded defaults: train on synthetic wafers, register, score a new night.
 
-    1. train-fcn flow: synthesise wafers, ingest, train FCN-32s -> 16s -> 8s, evaluate, register.
+    1. train-fcn flow: synthesise wafers, ingest, train FCN-32s -> 16s -> 8s (-> 1s), fine-tune on
+       real maps, evaluate, register.
     2. A fresh synthetic night lands in <home>/drops and the nightly-inference flow scores it.
     3. Pictures of that night's predictions, and where to look next (MLflow UI, Parquet files).
     """

@@ -40,11 +40,13 @@ def _with_source(cfg: Config, source: str | None) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
 
 
-def choose_stage(results: dict[str, dict]) -> str:
-    """The stage to register: the fine-tuned model when there is one (that is what fine-tuning is
-    switched on for), else the best validation mean IU (fail dies); ties go to the finer stage."""
-    if FINETUNE in results:
+def choose_stage(results: dict[str, dict], *, prefer_finetune: bool = False) -> str:
+    """The stage to register: the fine-tuned model if there is one and ``prefer_finetune``
+    (train.finetune.candidate), else the cascade stage with the best validation mean IU (fail dies);
+    ties go to the finer stage."""
+    if prefer_finetune and FINETUNE in results:
         return FINETUNE
+    results = {stage: r for stage, r in results.items() if stage != FINETUNE}
 
     def key(stage: str) -> tuple[float, int]:
         score = results[stage]["best_val_mean_iu"]
@@ -104,7 +106,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
 
 @flow(name="train-fcn", log_prints=True)
 def train_fcn(params: TrainParams = TrainParams()) -> dict:
-    """Train FCN-32s -> 16s -> 8s on the curated store, evaluate on its test split, register the model."""
+    """Train FCN-32s -> 16s -> 8s (-> 1s, fine-tuning) on the curated store, evaluate, register the model."""
     log = get_run_logger()
     cfg = _with_source(params.load(), params.source)
     home = cfg.home_dir
@@ -140,9 +142,10 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         ensure_concurrency_limit(params.gpu_limit)
         with concurrency(params.gpu_limit, occupy=1):
             results = train_stages(cfg, client=client, parent=parent, paths=paths, run_dir=run_dir)
-            chosen = choose_stage(results)
+            chosen = choose_stage(results, prefer_finetune=cfg.train.finetune.candidate)
             # with fine-tuning, compare the last synthetic-only stage and the fine-tuned model on held-out real maps
-            real_stages = [stages_to_train(cfg)[-1], FINETUNE] if FINETUNE in results else [chosen]
+            real_stages = list(dict.fromkeys([chosen, stages_to_train(cfg)[-1], FINETUNE] if FINETUNE in results
+                                             else [chosen]))
             evaluation = evaluate_stages(
                 config=cfg.to_dict(), checkpoints={s: r["best_checkpoint"] for s, r in results.items()},
                 test_path=paths["test"], out_dir=str(run_dir / "evaluation"),

@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from fcn_core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fcn_core.config import Config, config_from_dict
 from fcn_core.data import WaferSet
-from fcn_core.evaluate import STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report, write_report
+from fcn_core.evaluate import (STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report,
+                               write_report)
 from fcn_core.predict import predict_maps, resolve_device
 from fcn_core.render import render_curves, render_wafers
 from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic

@@ -157,9 +157,10 @@ def test_choose_stage_prefers_best_validation_then_the_finer_stage():
     assert choose_stage(res) == "fcn16s"
 
 
-def test_choose_stage_registers_the_fine_tuned_model_when_there_is_one():
-    res = {"fcn8s": {"best_val_mean_iu": 0.7}, "finetune": {"best_val_mean_iu": 0.5}}
-    assert choose_stage(res) == "finetune"
+def test_choose_stage_registers_the_fine_tuned_model_only_when_asked():
+    res = {"fcn8s": {"best_val_mean_iu": 0.7}, "finetune": {"best_val_mean_iu": 0.9}}
+    assert choose_stage(res) == "fcn8s"  # a higher synthetic score does not make it a cascade stage
+    assert choose_stage(res, prefer_finetune=True) == "finetune"
 
 
 def real_like_maps(path, n: int = 60):
@@ -178,7 +179,8 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     real = real_like_maps(tmp_path / "real.parquet")
     state = train_fcn(TrainParams(config="tiny", overrides={
         **SMALL_LOTS, "home": str(tmp_path / "home"), "eval.real_data": str(real),
-        "train.finetune.enabled": True, "train.finetune.epochs": 1, "train.finetune.holdout_fraction": 0.4}),
+        "train.finetune.enabled": True, "train.finetune.epochs": 1, "train.finetune.holdout_fraction": 0.4,
+        "train.finetune.candidate": True}),
         return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

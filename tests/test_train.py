@@ -52,9 +52,13 @@ def test_finetune_stage_continues_the_given_model(cfg, sets, tmp_path):
     start, _ = load_model(first.best_checkpoint)
     tuned = build_stage_model(cfg, "finetune", first.best_checkpoint)
     assert type(tuned) is type(start) and torch.equal(tuned.conv1_1.weight, start.conv1_1.weight)
-    result = train_stage(cfg, stage="finetune", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
+    two = load_config("tiny", {"train.finetune.epochs": 2, "train.num_threads": 2})
+    result = train_stage(two, stage="finetune", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
                          init_checkpoint=first.best_checkpoint)
-    assert [r["stage"] for r in result.history] == ["finetune"] * cfg.train.finetune.epochs
+    assert [r["stage"] for r in result.history] == ["finetune"] * 2
+    assert result.best_epoch == 1  # fine-tuning keeps its last epoch, whatever synthetic validation says
+    assert torch.equal(load_checkpoint(result.best_checkpoint)["model"]["conv1_1.weight"],
+                       load_checkpoint(result.last_checkpoint)["model"]["conv1_1.weight"])
     assert load_checkpoint(result.last_checkpoint)["arch"]["name"] == "fcn32s"
     with pytest.raises(ValueError, match="init_checkpoint"):
         build_stage_model(cfg, "finetune", None)

@@ -22,7 +22,8 @@ def _die(fails: int) -> np.ndarray:
 
 
 def _table(labels: list[str | None], lots: list[str | None] | None = None):
-    return make_table(wafer_ids=[f"w{i}" for i in range(len(labels))], die_maps=[_die(i + 1) for i in range(len(labels))],
+    n = len(labels)
+    return make_table(wafer_ids=[f"w{i}" for i in range(n)], die_maps=[_die(i + 1) for i in range(n)],
                       wafer_labels=labels, lot_ids=lots)
 
 
