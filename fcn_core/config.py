@@ -185,8 +185,29 @@ class VerdictConfig(_Strict):
 
     min_dies: int = Field(3, ge=1, description="a pattern needs at least this many dies")
     min_share: float = Field(0.05, ge=0, le=1, description="...and this share of the wafer's fail dies")
+    min_dies_by_class: dict[str, int] = Field(
+        default_factory=dict, description="per-pattern overrides of min_dies, by class name")
+    min_share_by_class: dict[str, float] = Field(
+        default_factory=dict, description="per-pattern overrides of min_share, by class name")
     calibrated_on: str | None = Field(
         None, description="set by fine-tuning: thresholds chosen for best macro-F1 on these real maps")
+
+    def thresholds(self, pattern_names: list[str]) -> tuple[list[int], list[float]]:
+        """(min_dies, min_share) per pattern, overrides applied; unknown override names are errors."""
+        unknown = sorted((set(self.min_dies_by_class) | set(self.min_share_by_class)) - set(pattern_names))
+        if unknown:
+            raise ValueError(f"verdict thresholds name unknown patterns {unknown}; patterns: {pattern_names}")
+        return ([self.min_dies_by_class.get(n, self.min_dies) for n in pattern_names],
+                [self.min_share_by_class.get(n, self.min_share) for n in pattern_names])
+
+    def describe(self) -> str:
+        """'min_dies 3, min_share 0.05' plus any per-pattern overrides, for reports and logs."""
+        text = f"min_dies {self.min_dies}, min_share {self.min_share:g}"
+        names = sorted(set(self.min_dies_by_class) | set(self.min_share_by_class))
+        if names:
+            text += "; " + ", ".join(f"{n}: {self.min_dies_by_class.get(n, self.min_dies)} dies, "
+                                     f"{self.min_share_by_class.get(n, self.min_share):g}" for n in names)
+        return text
 
 
 class EvalConfig(_Strict):

@@ -153,7 +153,8 @@ def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdic
     fail = dies.sum(axis=1)
     patterns = dies[:, 1:]
     share = patterns / np.maximum(fail, 1)[:, None]
-    present = (patterns >= verdict.min_dies) & (share >= verdict.min_share)
+    min_dies, min_share = verdict.thresholds(list(class_names[1:]))  # per pattern, overrides applied
+    present = (patterns >= np.asarray(min_dies)) & (share >= np.asarray(min_share))
 
     # rank present patterns by dies (absent ones last); the stable sort keeps lower ids first on ties
     order = np.argsort(-np.where(present, patterns, -1), axis=1, kind="stable")
@@ -210,8 +211,8 @@ def model_verdict(model: object, cfg_verdict: VerdictConfig) -> VerdictConfig:
     return own if isinstance(own, VerdictConfig) else cfg_verdict
 
 
-CALIBRATION_MIN_DIES = (1, 3, 5, 8, 12)
-CALIBRATION_MIN_SHARE = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
+CALIBRATION_MIN_DIES = (1, 3, 5, 8, 12, 20)
+CALIBRATION_MIN_SHARE = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def calibrate_verdict(
@@ -222,25 +223,46 @@ def calibrate_verdict(
     source: str,
     min_dies: Sequence[int] = CALIBRATION_MIN_DIES,
     min_share: Sequence[float] = CALIBRATION_MIN_SHARE,
+    per_class_sweeps: int = 2,
 ) -> tuple[VerdictConfig, float]:
-    """The (min_dies, min_share) pair with the best macro-F1 of verdicts against dataset labels.
+    """Verdict thresholds with the best macro-F1 of verdicts against dataset labels.
 
-    ``dies`` is the (N, n_classes) fail-die count matrix of a model's segmentations (one pass of
-    the model serves the whole grid). Ties keep the smaller thresholds. Calibrate on labelled maps
-    the score will not be reported on (the fine-tune part, never the held-out one).
+    First one (min_dies, min_share) pair for every pattern from the grid, then ``per_class_sweeps``
+    rounds of coordinate search that retune one pattern's pair at a time (a scratch needs other
+    thresholds than a ring). A change is kept only if it is strictly better, so ties keep the
+    smaller, shared thresholds. ``dies`` is the (N, n_classes) fail-die count matrix of a model's
+    segmentations: one pass of the model serves the whole search. Calibrate on labelled maps the
+    score will not be reported on (the fine-tune part, never the held-out one).
     """
     labels = verdict_labels(class_names)
-    best: tuple[float, VerdictConfig] | None = None
-    for md in sorted(min_dies):
-        for ms in sorted(min_share):
-            candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source)
-            verdicts = verdicts_from_counts(dies, class_names=class_names, verdict=candidate)
-            f1 = real_eval_report(dataset_labels, verdicts.dominant_pattern, labels=labels).scores["macro_f1"]
-            if best is None or f1 > best[0]:
-                best = (f1, candidate)
-    if best is None:
+    grid = [(md, ms) for md in sorted(min_dies) for ms in sorted(min_share)]
+    if not grid:
         raise ValueError("calibrate_verdict needs at least one min_dies and one min_share value")
-    return best[1], best[0]
+
+    mapped = [map_dataset_label(x) for x in dataset_labels]
+    keep = [i for i, m in enumerate(mapped) if m is not None]  # as real_eval_report scores them
+    true, kept_dies = [mapped[i] for i in keep], np.asarray(dies)[keep]
+
+    def macro_f1(candidate: VerdictConfig) -> float:
+        verdicts = verdicts_from_counts(kept_dies, class_names=class_names, verdict=candidate)
+        return verdict_scores(true, verdicts.dominant_pattern, labels=labels)["macro_f1"]
+
+    best_f1, best = -1.0, None
+    for md, ms in grid:
+        candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source)
+        if (f1 := macro_f1(candidate)) > best_f1:
+            best_f1, best = f1, candidate
+    for _ in range(per_class_sweeps):
+        improved = False
+        for name in class_names[1:]:
+            for md, ms in grid:
+                candidate = best.model_copy(update={"min_dies_by_class": {**best.min_dies_by_class, name: md},
+                                                    "min_share_by_class": {**best.min_share_by_class, name: ms}})
+                if (f1 := macro_f1(candidate)) > best_f1:
+                    best_f1, best, improved = f1, candidate, True
+        if not improved:
+            break
+    return best, best_f1
 
 
 # -- scores ---------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+import torch
 from torch import nn
 
 from fcn_core.config import config_from_dict
-from fcn_core.predict import resolve_device, score_table
+from fcn_core.predict import prepare_model, resolve_device, score_table
 from fcn_core.table import WAFER_COLUMNS, read_parquet, resolve_fs, write_parquet_atomic
 
 PREDICTIONS_FILE = "predictions.parquet"
@@ -58,7 +59,7 @@ def file_exists(path: str) -> bool:
 def remember_model(tracking_uri: str, name: str, version: str, model: nn.Module) -> None:
     """Seed this process's model cache (the flow already loaded the champion to check it exists)."""
     with _models_lock:
-        _models[(tracking_uri, name, str(version))] = model.eval()
+        _models[(tracking_uri, name, str(version))] = _shareable(model)
 
 
 def registered_model(tracking_uri: str, name: str, version: str, *, device: str = "cpu") -> nn.Module:
@@ -68,8 +69,20 @@ def registered_model(tracking_uri: str, name: str, version: str, *, device: str 
         if key not in _models:
             from tasks.tracking import load_model_uri
 
-            _models[key], _, _ = load_model_uri(f"models:/{name}/{version}", tracking_uri=tracking_uri, device=device)
+            model, _, _ = load_model_uri(f"models:/{name}/{version}", tracking_uri=tracking_uri, device=device)
+            _models[key] = _shareable(model)
         return _models[key]
+
+
+def _shareable(model: nn.Module) -> nn.Module:
+    """Eval mode and channels-last weights, set once before tasks share the model.
+
+    ``score_table`` would convert the weights in place on first use; two tasks doing that at once
+    let one run a batch with half-converted weights, which takes other kernels and, under bf16,
+    rounds differently: near-tied dies then get other labels than in a sequential run.
+    """
+    with torch.no_grad():
+        return prepare_model(model, channels_last=True, subpixel=False)
 
 
 @task(name="score-partition", task_run_name="score-{date}", cache_policy=NO_CACHE, retries=1,

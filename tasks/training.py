@@ -99,8 +99,9 @@ def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
 
 @task(name="calibrate-verdicts", cache_policy=NO_CACHE)
 def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_id: str) -> str:
-    """Choose the fine-tuned model's verdict thresholds (min_dies, min_share) for the best macro-F1 on
-    the real maps it was fine-tuned on (never the held-out ones); returns a checkpoint that carries them."""
+    """Choose a model's verdict thresholds (min_dies, min_share, shared then per pattern) for the best
+    macro-F1 on the fine-tune part of the real maps (never the held-out ones); returns a checkpoint
+    that carries them."""
     cfg = config_from_dict(config)
     device = resolve_device(cfg.train.device)
     model, model_cfg = load_model(checkpoint, device=device)
@@ -114,12 +115,14 @@ def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_i
     state["config"] = model_cfg.model_copy(update={"verdict": verdict}).to_dict()
     dest = save_checkpoint(Path(checkpoint).with_name("calibrated.pt"), state)
     client = tracking.configure(cfg)
-    for key, value in (("calibration/min_dies", verdict.min_dies), ("calibration/min_share", verdict.min_share),
-                       ("calibration/macro_f1", f1)):
-        client.log_metric(stage_run_id, key, float(value))
-    get_run_logger().info("verdict thresholds calibrated on %d real maps: min_dies %d, min_share %.2f (macro-F1 %.3f "
-                          "there; scores are reported on the held-out maps only)", real.num_rows, verdict.min_dies,
-                          verdict.min_share, f1)
+    client.log_metric(stage_run_id, "calibration/macro_f1", f1)
+    patterns = cfg.class_names[1:]
+    for name, min_dies, min_share in zip(patterns, *verdict.thresholds(patterns)):
+        key = name.replace(" ", "_")
+        client.log_metric(stage_run_id, f"calibration/min_dies_{key}", float(min_dies))
+        client.log_metric(stage_run_id, f"calibration/min_share_{key}", float(min_share))
+    get_run_logger().info("verdict thresholds calibrated on %d real maps: %s (macro-F1 %.3f there; scores are "
+                          "reported on the held-out maps only)", real.num_rows, verdict.describe(), f1)
     return str(dest)
 
 
@@ -204,7 +207,7 @@ def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, devic
     paths = write_real_report(real, table, out, cfg=cfg)
     metrics = real.report.metrics(prefix="")
     verdict = model_verdict(model, cfg.verdict)
-    thresholds = (f"Verdict thresholds: min_dies {verdict.min_dies}, min_share {verdict.min_share:g} ("
+    thresholds = (f"Verdict thresholds: {verdict.describe()} ("
                   + (f"calibrated on {verdict.calibrated_on}" if verdict.calibrated_on else "config") + ").")
     with open(results_md, "a") as md:
         md.write(f"\n## {title} ({Path(source).name}, {table.num_rows:,} wafers)\n\n{thresholds}\n\n"

@@ -205,6 +205,11 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     model, _, version = load_champion(cfg)
     assert version == result["registered_version"]
     assert model.verdict.calibrated_on == "real_finetune.parquet"
+    store = MlflowClient(tracking_uri=cfg.tracking_uri)
+    (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
+                                     filter_string="attributes.run_name = 'finetune'")
+    assert {"calibration/macro_f1", "calibration/min_dies_scratch", "calibration/min_share_ring"} <= set(
+        tuned_run.data.metrics)
     results_md = next(run_data.glob("*/evaluation/results.md")).read_text()
     assert results_md.count("calibrated on real_finetune.parquet") == 2  # FCN-1s and the fine-tuned model
 

@@ -6,6 +6,7 @@ import torch
 from fcn_core.config import SplitConfig, SynthConfig, load_config
 from fcn_core.ingest import ingest, list_partitions, read_curated
 from fcn_core.models import build_fcn
+from fcn_core.predict import prepare_model
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps, write_parquet_atomic
 from tasks.scoring import (
@@ -85,3 +86,14 @@ def test_bad_action_is_rejected(prefect_harness, curated, model_key):
 
 def test_registered_model_is_loaded_once_per_process(model_key):
     assert registered_model(model_key, "wafer-fcn", "1") is registered_model(model_key, "wafer-fcn", "1")
+
+
+def test_a_shared_model_is_converted_once_before_tasks_use_it(model_key):
+    """Tasks scoring concurrently must never see half-converted weights (other kernels, other rounding)."""
+    model = registered_model(model_key, "wafer-fcn", "1")
+    assert not model.training
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    before = [w.data_ptr() for w in convs]
+    prepare_model(model, channels_last=True, subpixel=False)  # what score_table does on every call
+    assert [w.data_ptr() for w in convs] == before  # nothing left to convert: the weights stay put

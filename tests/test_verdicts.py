@@ -237,3 +237,25 @@ def test_a_model_with_calibrated_thresholds_is_judged_by_them() -> None:
     assert model_verdict(model, default) is default
     model.verdict = VerdictConfig(min_dies=8, calibrated_on="x")
     assert model_verdict(model, default).min_dies == 8
+
+
+def test_per_pattern_thresholds_override_the_shared_ones() -> None:
+    dies = counts([10, 4, 0, 0, 0], [10, 0, 4, 0, 0])
+    v = VerdictConfig(min_dies=3, min_dies_by_class={"scratch": 5}, min_share_by_class={"ring": 0.5})
+    assert verdicts_from_counts(dies, class_names=CLASSES, verdict=v).dominant_pattern == ["none", "none"]
+    assert v.describe() == "min_dies 3, min_share 0.05; ring: 3 dies, 0.5, scratch: 5 dies, 0.05"
+    with pytest.raises(ValueError, match="unknown patterns"):
+        verdicts_from_counts(dies, class_names=CLASSES, verdict=VerdictConfig(min_dies_by_class={"donut": 2}))
+
+
+def test_calibration_retunes_one_pattern_when_one_pair_cannot_fit_all() -> None:
+    # rings show only 4 dies; 'None' wafers carry 6 stray scratch dies; true scratches have 20
+    dies = counts(*[[30, 4, 0, 0, 0]] * 3, *[[30, 0, 6, 0, 0]] * 3, *[[30, 0, 20, 0, 0]] * 3)
+    labels = ["Edge-Ring"] * 3 + ["None"] * 3 + ["Scratch"] * 3
+    shared, shared_f1 = calibrate_verdict(dies, labels, class_names=CLASSES, source="s", min_dies=(3, 8),
+                                          min_share=(0.02,), per_class_sweeps=0)
+    best, f1 = calibrate_verdict(dies, labels, class_names=CLASSES, source="s", min_dies=(3, 8), min_share=(0.02,))
+    assert shared_f1 < f1 == pytest.approx(3 / 5)  # all right; local zone and circle never occur: F1 0
+    assert best.thresholds(CLASSES[1:])[0][:2] == [3, 8]  # ring keeps 3 dies, scratch needs 8
+    assert verdicts_from_counts(dies, class_names=CLASSES, verdict=best).dominant_pattern == (
+        ["ring"] * 3 + ["none"] * 3 + ["scratch"] * 3)
