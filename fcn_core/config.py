@@ -205,8 +205,9 @@ class VerdictConfig(_Strict):
         text = f"min_dies {self.min_dies}, min_share {self.min_share:g}"
         names = sorted(set(self.min_dies_by_class) | set(self.min_share_by_class))
         if names:
-            text += "; " + ", ".join(f"{n}: {self.min_dies_by_class.get(n, self.min_dies)} dies, "
-                                     f"{self.min_share_by_class.get(n, self.min_share):g}" for n in names)
+            pairs = (f"{n} ({self.min_dies_by_class.get(n, self.min_dies)}, "
+                     f"{self.min_share_by_class.get(n, self.min_share):g})" for n in names)
+            text += "; per pattern (min_dies, min_share): " + ", ".join(pairs)
         return text
 
 

@@ -243,7 +243,8 @@ def test_per_pattern_thresholds_override_the_shared_ones() -> None:
     dies = counts([10, 4, 0, 0, 0], [10, 0, 4, 0, 0])
     v = VerdictConfig(min_dies=3, min_dies_by_class={"scratch": 5}, min_share_by_class={"ring": 0.5})
     assert verdicts_from_counts(dies, class_names=CLASSES, verdict=v).dominant_pattern == ["none", "none"]
-    assert v.describe() == "min_dies 3, min_share 0.05; ring: 3 dies, 0.5, scratch: 5 dies, 0.05"
+    assert v.describe() == ("min_dies 3, min_share 0.05; per pattern (min_dies, min_share): "
+                            "ring (3, 0.5), scratch (5, 0.05)")
     with pytest.raises(ValueError, match="unknown patterns"):
         verdicts_from_counts(dies, class_names=CLASSES, verdict=VerdictConfig(min_dies_by_class={"donut": 2}))
 
