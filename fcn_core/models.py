@@ -343,23 +343,25 @@ class FCN1s(FCNBase):
 
 MODELS: dict[str, type[FCNBase]] = {
     "fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s, "fcn4s": FCN4s, "fcn2s": FCN2s, "fcn1s": FCN1s}
-COARSER: dict[str, str] = {name: prev for prev, name in zip(MODEL_NAMES, MODEL_NAMES[1:])}
 
 
 def from_coarser(name: str, coarser: FCNBase) -> FCNBase:
-    """Staged fine-tuning: model ``name`` with every weight of the trained next-coarser stage.
+    """Staged fine-tuning: model ``name`` with every weight of a trained coarser stage.
 
-    The new skip's score layer starts at zero and the new upsamplers bilinear, so the new model
-    starts out computing exactly what the coarser one did (up to the final upsampling).
+    Usually the next-coarser one; a stage may also be skipped (FCN-1s from FCN-8s). Skips the
+    coarser model lacks start with zero score layers and bilinear upsamplers, so the new model
+    starts out computing what the coarser one did (up to the final upsampling).
     """
-    if name not in COARSER:
+    if name not in MODEL_NAMES[1:]:
         raise ValueError(f"{name!r} has no coarser stage to start from (stages: {', '.join(MODEL_NAMES)})")
-    return _staged(MODELS[name], coarser, MODELS[COARSER[name]])
+    coarser_names = MODEL_NAMES[:MODEL_NAMES.index(name)]
+    return _staged(MODELS[name], coarser, tuple(MODELS[n] for n in coarser_names))
 
 
-def _staged(cls: type[FCNBase], coarser: nn.Module, expected: type[FCNBase]) -> Any:
+def _staged(cls: type[FCNBase], coarser: nn.Module, expected: type[FCNBase] | tuple[type[FCNBase], ...]) -> Any:
     if not isinstance(coarser, expected):
-        raise TypeError(f"{cls.__name__} is built from an {expected.__name__}, got {type(coarser).__name__}")
+        names = ", ".join(c.__name__ for c in (expected if isinstance(expected, tuple) else (expected,)))
+        raise TypeError(f"{cls.__name__} is built from a coarser FCN ({names}), got {type(coarser).__name__}")
     model = fcn_from_arch({**coarser.arch, "name": cls.arch_name})
     param = next(coarser.parameters())
     model.to(device=param.device, dtype=param.dtype)

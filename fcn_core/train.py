@@ -25,18 +25,22 @@ from fcn_core.checkpoint import load_checkpoint, load_model, model_state, save_c
 from fcn_core.config import Config
 from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
 from fcn_core.evaluate import evaluate
-from fcn_core.models import COARSER, MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
+from fcn_core.models import MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
 from fcn_core.predict import autocast_for, resolve_device
 
 STAGES = MODEL_NAMES  # coarse to fine: fcn32s, fcn16s, fcn8s, then the die-level fcn4s, fcn2s, fcn1s
-PREVIOUS_STAGE = COARSER
 FINETUNE = "finetune"  # weak-label fine-tuning on real maps (fcn_core.weak): same model, more data
 
 
 def stages_to_train(cfg: Config) -> tuple[str, ...]:
-    """FCN-32s up to ``train.final_stage`` (the seed's cascade ends at fcn8s)."""
-    return STAGES[:STAGES.index(cfg.train.final_stage) + 1]
+    """FCN-32s up to ``train.final_stage`` (the seed's cascade ends at fcn8s).
+
+    A stage in between with ``epochs: 0`` is skipped: the next one starts from the last trained
+    stage, its untrained skips at zero (e.g. FCN-8s -> FCN-1s).
+    """
+    cascade = STAGES[:STAGES.index(cfg.train.final_stage) + 1]
+    return tuple(s for s in cascade if s in (cascade[0], cascade[-1]) or cfg.train.stage(s).epochs > 0)
 
 EpochCallback = Callable[[dict], None]
 
@@ -101,9 +105,8 @@ def build_stage_model(cfg: Config, stage: str, init_checkpoint: str | None) -> n
             load_vgg16_imagenet(model, cfg.model.imagenet_weights)
         return model
     previous, _ = load_model(init_checkpoint)
-    expected = PREVIOUS_STAGE[stage]
-    if previous.arch["name"] != expected:
-        raise ValueError(f"{stage} starts from {expected}, but {init_checkpoint} holds {previous.arch['name']}")
+    if previous.arch["name"] not in STAGES[:STAGES.index(stage)]:
+        raise ValueError(f"{stage} starts from a coarser stage, but {init_checkpoint} holds {previous.arch['name']}")
     return from_coarser(stage, previous)
 
 

@@ -291,10 +291,24 @@ def test_finer_stages_start_as_the_coarser_model(geometry: str) -> None:
     fcn2s = from_coarser("fcn2s", perturbed(from_coarser("fcn4s", perturbed(build_fcn("fcn8s", n_classes=4)))))
     # FCN-1s has no final upsampler; at its start it computes exactly what FCN-2s did
     assert torch.allclose(from_coarser("fcn1s", fcn2s).eval()(x), fcn2s.eval()(x), atol=1e-5)
-    with pytest.raises(TypeError, match="FCN2s"):
+    with pytest.raises(TypeError, match="coarser FCN"):
         from_coarser("fcn1s", coarser)  # coarser is an FCN1s now
+    with pytest.raises(TypeError, match="coarser FCN"):
+        from_coarser("fcn4s", build_fcn("fcn2s", n_classes=4))  # finer, not coarser
     with pytest.raises(ValueError, match="no coarser stage"):
         from_coarser("fcn32s", coarser)
+
+
+def test_a_stage_can_be_skipped() -> None:
+    """FCN-1s straight from FCN-8s: every skip FCN-8s lacks starts at zero, the rest is copied."""
+    torch.manual_seed(0)
+    m8 = perturbed(build_fcn("fcn8s", n_classes=4))
+    m1 = from_coarser("fcn1s", m8)
+    old, new = m8.state_dict(), m1.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in set(old) & set(new))
+    for score in ("score_pool2", "score_pool1", "score_conv1_2"):
+        assert not getattr(m1, score).weight.any()
+    assert_bilinear(m1, ["upscore_pool3", "upscore_pool2", "upscore_pool1"])
 
 
 def test_batch_norm_trunk() -> None:

@@ -43,8 +43,17 @@ def test_staged_training_chains_checkpoints(cfg, sets, tmp_path):
     assert torch.count_nonzero(m16.score_pool4.weight) == 0
     # the die-level end of the cascade, and a config that stops where the paper did
     assert load_checkpoint(results["fcn1s"].best_checkpoint)["arch"]["name"] == "fcn1s"
-    assert stages_to_train(cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"final_stage": "fcn8s"})})) == ("fcn32s", "fcn16s", "fcn8s")
+    def stages(**train) -> tuple[str, ...]:
+        return stages_to_train(load_config("tiny", {f"train.{k}": v for k, v in train.items()}))
+
+    assert stages(final_stage="fcn8s") == ("fcn32s", "fcn16s", "fcn8s")
+    # epochs 0 skips a stage in between: FCN-1s then starts from FCN-8s
+    assert stages(**{"fcn4s.epochs": 0, "fcn2s.epochs": 0}) == ("fcn32s", "fcn16s", "fcn8s", "fcn1s")
+    assert stages(**{"fcn32s.epochs": 0, "fcn1s.epochs": 0}) == STAGES  # never the first or the last
+    m1 = build_stage_model(cfg, "fcn1s", results["fcn8s"].best_checkpoint)
+    assert type(m1).__name__ == "FCN1s" and torch.count_nonzero(m1.score_conv1_2.weight) == 0
+    with pytest.raises(ValueError, match="starts from a coarser stage"):
+        build_stage_model(cfg, "fcn8s", results["fcn1s"].best_checkpoint)
 
 
 def test_finetune_stage_continues_the_given_model(cfg, sets, tmp_path):
@@ -87,5 +96,10 @@ def test_resume_continues_an_interrupted_stage(cfg, sets, tmp_path):
 def test_wrong_init_checkpoint_is_rejected(cfg, sets, tmp_path):
     r = train_stage(load_config("tiny", {"train.fcn32s.epochs": 0}), stage="fcn32s", train_set=sets[0],
                     val_set=sets[1], out_dir=tmp_path)
-    with pytest.raises(ValueError, match="fcn8s starts from fcn16s"):
-        build_stage_model(cfg, "fcn8s", r.best_checkpoint)
+    skipped = build_stage_model(cfg, "fcn8s", r.best_checkpoint)  # 16s skipped: its skip starts at zero
+    assert type(skipped).__name__ == "FCN8s" and torch.count_nonzero(skipped.score_pool4.weight) == 0
+    zero = load_config("tiny", {"train.fcn8s.epochs": 0})
+    r8 = train_stage(zero, stage="fcn8s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path,
+                     init_checkpoint=r.best_checkpoint)
+    with pytest.raises(ValueError, match="fcn16s starts from a coarser stage"):
+        build_stage_model(cfg, "fcn16s", r8.best_checkpoint)
