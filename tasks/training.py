@@ -176,7 +176,7 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
         folder = out if len(real_stages) == 1 else out / f"real_{stage}"
         real_paths, real_by_stage[stage] = _evaluate_real_maps(
             cfg, models[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
-            title=f"{STAGE_TITLES.get(stage, stage)} on real wafer maps" + (" (held-out part)" if real_path else ""))
+            title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
         paths.update(real_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in real_paths.items()})
     tracking.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
     for stage, s in scores.items():
