@@ -37,8 +37,8 @@ from fcn_core.train import STAGES, make_optimizer, train_stage, warmup_cosine
 N_CLASSES = 5
 
 
-def bench_config(batch: int, *, threads: int | None, epochs: int = 1) -> Config:
-    overrides = {"train.device": "cpu", "train.num_threads": threads}
+def bench_config(batch: int, *, threads: int | None, epochs: int = 1, device: str = "cpu") -> Config:
+    overrides = {"train.device": device, "train.num_threads": threads}
     for stage in STAGES:
         overrides[f"train.{stage}.epochs"] = epochs
         overrides[f"train.{stage}.batch_size"] = batch
@@ -163,11 +163,37 @@ def big_models(wafers: WaferSet, *, batch: int, vgg_batch: int, steps: int, repe
     return rows
 
 
-def gpu_rows() -> dict | str:
+GPU_RUNS = (  # preset, geometry, batch: the compact default at two batch sizes, the seed's vgg16 net
+    ("compact", "aligned", 128), ("compact", "aligned", 512), ("vgg16", "classic", 64), ("vgg16", "classic", 256))
+
+
+def gpu_rows(*, n_wafers: int, stages: tuple[str, ...] = ("fcn32s", "fcn8s", "fcn1s")) -> dict | str:
+    """``train_stage`` on CUDA (bf16 autocast, channels_last, pinned batches prefetched by a thread).
+
+    Two epochs per run; the second epoch's wafers/s is reported (the first pays cuDNN's autotuning
+    and the allocator's growth).
+    """
     if not torch.cuda.is_available():
         return NO_GPU
-    return {"gpu": torch.cuda.get_device_name(0),
-            "note": "run the GPU training bench on the GPU machine (train_stage with train.device=cuda)"}
+    wafers = WaferSet.from_table(synthetic_64(n_wafers, seed=8))
+    val = wafers.subset(range(min(64, len(wafers))))
+    rows = []
+    for preset, geometry, batch in GPU_RUNS:
+        cfg = bench_config(batch, threads=None, epochs=2, device="cuda")
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"preset": preset, "geometry": geometry})})
+        for stage in stages:
+            torch.cuda.reset_peak_memory_stats()
+            with tempfile.TemporaryDirectory() as tmp:
+                result = train_stage(cfg, stage=stage, train_set=wafers, val_set=val, out_dir=tmp, resume=False,
+                                     progress=False)
+            first, last = result.history[0], result.history[-1]
+            rows.append({"preset": preset, "geometry": geometry, "stage": stage, "batch": batch,
+                         "wafers": len(wafers), "wafers_per_s": round(last["wafers_per_s"], 1),
+                         "first_epoch_wafers_per_s": round(first["wafers_per_s"], 1),
+                         "cuda_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
+            print(f"  cuda {preset} {geometry} {stage} batch {batch}: {last['wafers_per_s']:,.0f} wafers/s "
+                  f"(first epoch {first['wafers_per_s']:,.0f})", flush=True)
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "train_stage": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--big-steps", type=int, default=2, help="steps timed for vgg16 classic and the peer")
     parser.add_argument("--vgg-batch", type=int, default=4)
     parser.add_argument("--sections", default="train_stage,levers,big,gpu")
+    parser.add_argument("--gpu-wafers", type=int, default=4096, help="64 x 64 wafers per epoch on the GPU")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     threads_list = [int(t) for t in args.lever_threads.split(",")]
@@ -203,8 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
                     payload["models"], ["model", "dtype", "batch", "per_s", "train_gflops_per_s",
                                         "speed_ratio_vs_peer"])
     if "gpu" in sections:
-        payload["gpu"] = gpu_rows()
-        print(f"\nGPU: {payload['gpu']}")
+        payload["gpu"] = gpu_rows(n_wafers=args.gpu_wafers)
+        if isinstance(payload["gpu"], dict):
+            print_table(f"train_stage on {payload['gpu']['gpu']} at 64 x 64, wafers/s (2nd epoch)",
+                        payload["gpu"]["train_stage"], ["preset", "geometry", "stage", "batch", "wafers_per_s",
+                                                        "first_epoch_wafers_per_s", "cuda_max_allocated_mib"])
+        else:
+            print(f"\nGPU: {payload['gpu']}")
     return finish("training", payload, results_dir=args.results_dir)
 
 

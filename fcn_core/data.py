@@ -6,8 +6,11 @@ I/O happens before training starts, never inside the training step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +93,53 @@ class WaferSet:
             if augment:
                 dies, labels = _augment(dies, labels, rng)
             yield idx, collate(dies, labels, multiple=multiple, fixed=fixed)
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], *, depth: int = 2, prepare: Callable[[T], T] | None = None) -> Iterator[T]:
+    """Yield ``items`` in order while a background thread produces up to ``depth`` of them ahead.
+
+    For CUDA training: numpy collation and augmentation of the next batch (and ``prepare``, e.g.
+    pinning its memory) overlap the GPU's work on this one. An exception in the producer is raised
+    here; leaving the loop early stops the producer.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def offer(item) -> bool:  # False once the consumer has gone away
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item if prepare is None else prepare(item)):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            offer(exc)
+
+    worker = threading.Thread(target=produce, name="wafer-fcn-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 def _augment(

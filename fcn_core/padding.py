@@ -105,6 +105,11 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.x), move(self.die), move(self.target), list(self.sizes))
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` really is asynchronous."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.x), pin(self.die), pin(self.target), list(self.sizes))
+
 
 def collate(
     die_maps: Sequence[np.ndarray],

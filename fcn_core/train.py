@@ -23,7 +23,7 @@ from torch import nn
 
 from fcn_core.checkpoint import load_checkpoint, load_model, model_state, save_checkpoint
 from fcn_core.config import Config
-from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
+from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies, prefetch
 from fcn_core.evaluate import evaluate
 from fcn_core.models import MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
@@ -157,9 +157,22 @@ def _count_steps(cfg: Config, wafers: WaferSet, batch_size: int, info: DistInfo)
     return sum(1 for b in buckets if len(b) >= info.world_size)
 
 
-def _epoch_batches(cfg: Config, wafers: WaferSet, batch_size: int, seed: int,
-                   info: DistInfo) -> Iterator[tuple[list[int], Batch]]:
-    """Shuffled, augmented, size-bucketed batches; under DDP each rank's rows of each batch."""
+def _epoch_batches(cfg: Config, wafers: WaferSet, batch_size: int, seed: int, info: DistInfo,
+                   device: torch.device) -> Iterator[tuple[list[int], Batch]]:
+    """Shuffled, augmented, size-bucketed batches; under DDP each rank's rows of each batch.
+
+    On CUDA the batches are collated and pinned a few ahead in a background thread, so the GPU does
+    not wait on numpy. On CPU they are made in line: a second thread would only take a core from
+    the convolutions (and the order, hence the run, is the same either way).
+    """
+    batches = _rank_batches(cfg, wafers, batch_size, seed, info)
+    if device.type == "cuda":
+        return prefetch(batches, depth=4, prepare=lambda item: (item[0], item[1].pin_memory()))
+    return batches
+
+
+def _rank_batches(cfg: Config, wafers: WaferSet, batch_size: int, seed: int,
+                  info: DistInfo) -> Iterator[tuple[list[int], Batch]]:
     for idx, batch in wafers.batches(batch_size=batch_size, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed,
                                      shuffle=True, seed=seed, augment=cfg.train.augment):
         if info.world_size > 1:
@@ -190,6 +203,10 @@ class _Progress:
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if self.bar is not None:
             self.task = self.bar.add_task(f"{self.title} epoch {epoch + 1}/{epochs}", total=steps, info="")
+
+    @property
+    def active(self) -> bool:
+        return self.bar is not None
 
     def step(self, loss: float, wafers_per_s: float) -> None:
         if self.bar is not None and self.task is not None:
@@ -277,7 +294,7 @@ def train_stage(
         for epoch in range(start_epoch, stage_cfg.epochs):
             net.train()
             wafers = _epoch_wafers(cfg, train_set, seed + epoch)
-            batches = _epoch_batches(cfg, wafers, stage_cfg.batch_size, seed + epoch, info)
+            batches = _epoch_batches(cfg, wafers, stage_cfg.batch_size, seed + epoch, info, device)
             bar.start_epoch(epoch, stage_cfg.epochs, _count_steps(cfg, wafers, stage_cfg.batch_size, info))
             t0, epoch_wafers, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             for idx, batch in batches:
@@ -289,16 +306,18 @@ def train_stage(
                 with autocast_for(device):
                     logits = net(x)
                 loss = loss_fn(logits.float(), target)
-                if not torch.isfinite(loss):  # an all-ignored shard under DDP: keep the step in sync
-                    loss = logits.sum() * 0.0
+                if info.world_size > 1:  # an all-ignored shard (NaN loss) must still join the step
+                    loss = torch.where(torch.isfinite(loss), loss, logits.sum() * 0.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss.detach())
+                loss_sum = loss_sum + loss.detach()  # a tensor: no GPU sync per step
                 loss_n += 1
                 epoch_wafers += len(idx)
-                bar.step(loss_sum / loss_n, epoch_wafers / max(1e-9, time.perf_counter() - t0))
+                if bar.active:
+                    bar.step(float(loss_sum) / loss_n, epoch_wafers / max(1e-9, time.perf_counter() - t0))
+            loss_sum = float(loss_sum)
             epoch_seconds = time.perf_counter() - t0
             if info.world_size > 1:  # report the loss over all ranks, not rank 0's share
                 totals = torch.tensor([loss_sum, loss_n], dtype=torch.float64, device=device)

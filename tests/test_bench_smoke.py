@@ -54,13 +54,30 @@ def test_training_bench(bench, tmp_path):
     bench("training").main([
         "--results-dir", str(tmp_path), "--threads", "1", "--repeats", "1", "--lever-threads", "1",
         "--wafers", "12", "--batch", "4", "--lever-batches", "1", "--big-steps", "1", "--vgg-batch", "1",
-        "--sections", "train_stage,levers,gpu",
+        "--sections", "train_stage,levers,gpu", "--gpu-wafers", "16",
     ])
     data = _load(tmp_path / "training.json")
+    if torch.cuda.is_available():  # the GPU machine: every CUDA run trained and measured
+        runs = data["gpu"]["train_stage"]
+        assert len(runs) == 12 and all(r["wafers_per_s"] > 0 and r["cuda_max_allocated_mib"] > 0 for r in runs)
+    else:
+        assert data["gpu"].startswith("not measured")
     stages = ["fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
     assert [r["stage"] for r in data["train_stage"]] == stages
     assert all(r["wafers_per_s"] > 0 for r in data["train_stage"])
     assert len(data["step_levers"]) == len(stages) * 4 and all(math.isfinite(r["per_s"]) for r in data["step_levers"])
+
+
+def test_cascade_bench_trains_and_scores_every_stage(bench, tmp_path):
+    bench("cascade").main(["--results-dir", str(tmp_path), "--threads", "1", "--config", "tiny", "--device", "cpu",
+                           "--set", "train.final_stage=fcn8s", "--tag", "smoke"])
+    data = _load(tmp_path / "cascade-smoke.json")
+    rows = {r["stage"]: r for r in data["stages"]}
+    assert list(rows)[:3] == ["fcn32s", "fcn16s", "fcn8s"] and len(rows) == 4  # + the wall-time row
+    for stage in ("fcn32s", "fcn16s", "fcn8s"):
+        assert rows[stage]["epochs"] == 1 and rows[stage]["wafers_per_s"] > 0
+        assert 0.0 <= rows[stage]["test_mean_iu"] <= 1.0
+    assert data["device"] == "cpu" and "train.final_stage=fcn8s" in data["overrides"]
 
 
 def test_memory_bench(bench, tmp_path):

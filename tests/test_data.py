@@ -1,7 +1,11 @@
+import threading
+import time
+
 import numpy as np
 import pytest
+import torch
 
-from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
+from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies, prefetch
 from fcn_core.padding import IGNORE_INDEX
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL
@@ -54,3 +58,52 @@ def test_missing_labels_are_reported(wafers):
     unlabelled = WaferSet(wafer_ids=["a"], die=[wafers.die[0]])
     with pytest.raises(ValueError, match="1 of 1 wafers have none"):
         unlabelled.require_labels("training")
+
+
+def test_prefetch_keeps_order_and_applies_prepare(wafers):
+    direct = [(idx, b.x.sum().item()) for idx, b in wafers.batches(batch_size=4, shuffle=True, seed=3, augment=True)]
+    ahead = prefetch(wafers.batches(batch_size=4, shuffle=True, seed=3, augment=True), depth=2,
+                     prepare=lambda item: (item[0], item[1].x.sum().item()))
+    assert list(ahead) == direct
+
+
+def test_prefetch_raises_the_producers_error():
+    def items():
+        yield 1
+        raise RuntimeError("collation broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="collation broke"):
+        for item in prefetch(items()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_prefetch_stops_its_thread_when_the_loop_ends_early():
+    produced = []
+
+    def endless():
+        n = 0
+        while True:
+            produced.append(n)
+            yield n
+            n += 1
+
+    before = threading.active_count()
+    ahead = prefetch(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # what a `break` out of the training loop does
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    assert len(produced) <= 3 + 2 + 1  # never ran far ahead of the consumer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_reach_the_gpu_unchanged(wafers):
+    _, batch = next(wafers.batches(batch_size=4))
+    pinned = batch.pin_memory()
+    assert pinned.x.is_pinned() and pinned.target.is_pinned()
+    on_gpu = pinned.to("cuda", non_blocking=True)
+    assert torch.equal(on_gpu.x.cpu(), batch.x) and torch.equal(on_gpu.target.cpu(), batch.target)
