@@ -189,16 +189,37 @@ class VerdictConfig(_Strict):
         default_factory=dict, description="per-pattern overrides of min_dies, by class name")
     min_share_by_class: dict[str, float] = Field(
         default_factory=dict, description="per-pattern overrides of min_share, by class name")
+    min_elongation_by_class: dict[str, float] = Field(
+        default_factory=dict,
+        description="shape rule: a pattern's fail dies count only in 8-connected groups at least this elongated "
+                    "(fcn_core.shapes; 'scratch: 4' = a scratch is a line of 4+ dies); the others become background")
     calibrated_on: str | None = Field(
         None, description="set by fine-tuning: thresholds chosen for best macro-F1 on these real maps")
 
+    @field_validator("min_elongation_by_class")
+    @classmethod
+    def _elongation_at_least_one(cls, rules: dict[str, float]) -> dict[str, float]:
+        low = {name: value for name, value in rules.items() if value < 1}
+        if low:
+            raise ValueError(f"elongation is 1 for a square group and more for longer ones; got {low}")
+        return rules
+
     def thresholds(self, pattern_names: list[str]) -> tuple[list[int], list[float]]:
         """(min_dies, min_share) per pattern, overrides applied; unknown override names are errors."""
-        unknown = sorted((set(self.min_dies_by_class) | set(self.min_share_by_class)) - set(pattern_names))
-        if unknown:
-            raise ValueError(f"verdict thresholds name unknown patterns {unknown}; patterns: {pattern_names}")
+        self._check_names(pattern_names)
         return ([self.min_dies_by_class.get(n, self.min_dies) for n in pattern_names],
                 [self.min_share_by_class.get(n, self.min_share) for n in pattern_names])
+
+    def elongation_rules(self, class_names: list[str]) -> dict[int, float]:
+        """Class id -> minimum group elongation, for ``fcn_core.shapes.apply_min_elongation``."""
+        self._check_names(class_names[1:])
+        return {class_names.index(name): value for name, value in self.min_elongation_by_class.items()}
+
+    def _check_names(self, pattern_names: list[str]) -> None:
+        named = set(self.min_dies_by_class) | set(self.min_share_by_class) | set(self.min_elongation_by_class)
+        unknown = sorted(named - set(pattern_names))
+        if unknown:
+            raise ValueError(f"verdict thresholds name unknown patterns {unknown}; patterns: {pattern_names}")
 
     def describe(self) -> str:
         """'min_dies 3, min_share 0.05' plus any per-pattern overrides, for reports and logs."""
@@ -208,6 +229,9 @@ class VerdictConfig(_Strict):
             pairs = (f"{n} ({self.min_dies_by_class.get(n, self.min_dies)}, "
                      f"{self.min_share_by_class.get(n, self.min_share):g})" for n in names)
             text += "; per pattern (min_dies, min_share): " + ", ".join(pairs)
+        if self.min_elongation_by_class:
+            text += "; groups at least this elongated: " + ", ".join(
+                f"{n} {v:g}" for n, v in sorted(self.min_elongation_by_class.items()))
         return text
 
 

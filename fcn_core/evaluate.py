@@ -182,13 +182,16 @@ def evaluate_real(
     Edge-Loc/Loc -> local zone, Scratch -> scratch, None/Random -> none; Near-full excluded).
     """
     from fcn_core.predict import predict_maps
-    from fcn_core.verdicts import model_verdict, real_eval_report, verdict_labels, wafer_verdicts
+    from fcn_core.verdicts import (count_fail_dies, model_verdict, real_eval_report, shaped_maps, verdict_labels,
+                                   verdicts_from_counts)
 
     wafers = WaferSet.from_table(table)
+    verdict = model_verdict(model, cfg.verdict)
     preds = predict_maps(model, wafers.die, batch_size=batch_size, device=device,
                          multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-    verdicts = wafer_verdicts(preds, wafers.die, class_names=cfg.class_names,
-                              verdict=model_verdict(model, cfg.verdict))
+    preds = shaped_maps(preds, wafers.die, class_names=cfg.class_names, verdict=verdict, inplace=True)
+    dies = count_fail_dies(preds, wafers.die, n_classes=cfg.n_classes)
+    verdicts = verdicts_from_counts(dies, class_names=cfg.class_names, verdict=verdict)
     labels = table.column("wafer_label").to_pylist()
     report = real_eval_report(labels, verdicts.dominant_pattern, labels=verdict_labels(cfg.class_names))
     return RealEvaluation(report=report, wafer_ids=wafers.wafer_ids, dataset_labels=labels,

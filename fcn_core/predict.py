@@ -34,7 +34,7 @@ from torch import nn
 from fcn_core.config import Config
 from fcn_core.padding import N_DIE_STATES, Batch, padded_shape, size_buckets
 from fcn_core.table import FAIL, PASS
-from fcn_core.verdicts import model_verdict, verdicts_from_counts
+from fcn_core.verdicts import model_verdict, shaped_maps, verdicts_from_counts
 
 DEFAULT_BATCH = 256
 # Padded dies per forward pass: 256 maps of 32 x 32, 64 of 64 x 64. On the bench machine 64 K was
@@ -417,8 +417,11 @@ def score_table(
     labels = predict_packed(model, maps, batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
                             multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed, bf16=bf16,
                             channels_last=channels_last, subpixel=subpixel, num_threads=num_threads)
+    verdict = model_verdict(model, cfg.verdict)
+    # shape rules edit the flat label buffer through per-map views, so pred_map shows what is counted
+    shaped_maps(maps.unpack(labels), maps.unpack(), class_names=cfg.class_names, verdict=verdict, inplace=True)
     dies, n_pass = _per_map_counts(maps, labels, cfg.n_classes)
-    verdicts = verdicts_from_counts(dies, class_names=cfg.class_names, verdict=model_verdict(model, cfg.verdict))
+    verdicts = verdicts_from_counts(dies, class_names=cfg.class_names, verdict=verdict)
     n = len(maps)
     on_wafer = verdicts.fail_dies + n_pass
     offsets = np.append(maps.starts, maps.data.size).astype(np.int32)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import VerdictConfig
+from .shapes import apply_min_elongation
 from .table import FAIL
 
 NONE = "none"
@@ -189,6 +190,27 @@ def count_fail_dies(pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarr
     return np.bincount(flat, minlength=len(pred_maps) * n_classes).reshape(len(pred_maps), n_classes)
 
 
+def shaped_maps(
+    pred_maps: Sequence[np.ndarray],
+    die_maps: Sequence[np.ndarray],
+    *,
+    class_names: Sequence[str],
+    verdict: VerdictConfig,
+    inplace: bool = False,
+) -> list[np.ndarray]:
+    """The prediction maps with the verdict's shape rules applied (``min_elongation_by_class``).
+
+    These are the maps the products show and count (pred_map, dies per class, verdicts); the
+    segmentation scores of ``fcn_core.evaluate`` judge the network's own maps.
+    """
+    if len(pred_maps) != len(die_maps):
+        raise ValueError(f"{len(pred_maps)} prediction maps but {len(die_maps)} die maps")
+    rules = verdict.elongation_rules(list(class_names))
+    if not rules:
+        return list(pred_maps)
+    return [apply_min_elongation(p, d, rules, inplace=inplace) for p, d in zip(pred_maps, die_maps)]
+
+
 def wafer_verdicts(
     pred_maps: Sequence[np.ndarray],
     die_maps: Sequence[np.ndarray],
@@ -199,9 +221,10 @@ def wafer_verdicts(
     """Per-wafer verdicts from predicted label maps (class ids) and their die maps.
 
     Only fail dies count: pass and no-die positions are background by definition, whatever the
-    prediction says there.
+    prediction says there. The verdict's shape rules apply first (``shaped_maps``).
     """
-    dies = count_fail_dies(pred_maps, die_maps, n_classes=len(class_names))
+    shaped = shaped_maps(pred_maps, die_maps, class_names=class_names, verdict=verdict)
+    dies = count_fail_dies(shaped, die_maps, n_classes=len(class_names))
     return verdicts_from_counts(dies, class_names=class_names, verdict=verdict)
 
 
@@ -224,6 +247,7 @@ def calibrate_verdict(
     min_dies: Sequence[int] = CALIBRATION_MIN_DIES,
     min_share: Sequence[float] = CALIBRATION_MIN_SHARE,
     per_class_sweeps: int = 2,
+    min_elongation_by_class: dict[str, float] | None = None,
 ) -> tuple[VerdictConfig, float]:
     """Verdict thresholds with the best macro-F1 of verdicts against dataset labels.
 
@@ -231,8 +255,10 @@ def calibrate_verdict(
     rounds of coordinate search that retune one pattern's pair at a time (a scratch needs other
     thresholds than a ring). A change is kept only if it is strictly better, so ties keep the
     smaller, shared thresholds. ``dies`` is the (N, n_classes) fail-die count matrix of a model's
-    segmentations: one pass of the model serves the whole search. Calibrate on labelled maps the
-    score will not be reported on (the fine-tune part, never the held-out one).
+    segmentations after the shape rules, which are not searched: pass them as
+    ``min_elongation_by_class`` so the result carries them. One pass of the model serves the
+    whole search. Calibrate on labelled maps the score will not be reported on (the fine-tune
+    part, never the held-out one).
     """
     labels = verdict_labels(class_names)
     grid = [(md, ms) for md in sorted(min_dies) for ms in sorted(min_share)]
@@ -249,7 +275,8 @@ def calibrate_verdict(
 
     best_f1, best = -1.0, None
     for md, ms in grid:
-        candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source)
+        candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source,
+                                  min_elongation_by_class=dict(min_elongation_by_class or {}))
         if (f1 := macro_f1(candidate)) > best_f1:
             best_f1, best = f1, candidate
     for _ in range(per_class_sweeps):

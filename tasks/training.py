@@ -26,7 +26,7 @@ from fcn_core.render import render_curves, render_wafers
 from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic
 from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
-from fcn_core.verdicts import calibrate_verdict, count_fail_dies, model_verdict
+from fcn_core.verdicts import calibrate_verdict, count_fail_dies, model_verdict, shaped_maps
 from fcn_core.weak import holdout_mask, weak_label_table
 from tasks import tracking
 
@@ -108,9 +108,13 @@ def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_i
     real = read_parquet(real_path)
     wafers = WaferSet.from_table(real)
     preds = predict_maps(model, wafers.die, device=device, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    # thresholds are calibrated on what will be counted: the maps after the shape rules, which stay fixed
+    shape_rules = model_verdict(model, model_cfg.verdict)
+    preds = shaped_maps(preds, wafers.die, class_names=cfg.class_names, verdict=shape_rules, inplace=True)
     dies = count_fail_dies(preds, wafers.die, n_classes=cfg.n_classes)
     verdict, f1 = calibrate_verdict(dies, real.column("wafer_label").to_pylist(), class_names=cfg.class_names,
-                                    source=Path(real_path).name)
+                                    source=Path(real_path).name,
+                                    min_elongation_by_class=shape_rules.min_elongation_by_class)
     state = load_checkpoint(checkpoint)
     state["config"] = model_cfg.model_copy(update={"verdict": verdict}).to_dict()
     dest = save_checkpoint(Path(checkpoint).with_name("calibrated.pt"), state)

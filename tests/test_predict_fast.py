@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fcn_core.models import build_fcn
-from fcn_core.predict import (SubPixelConvTranspose2d, inference_view, intra_op_threads, pack_maps,
+from fcn_core.predict import (SubPixelConvTranspose2d, column_name, inference_view, intra_op_threads, pack_maps,
                               packed_column, predict_maps, score_table)
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps
@@ -99,13 +99,25 @@ def test_packed_column_reads_sliced_and_chunked_columns(table):
 def test_score_table_pred_map_matches_predict_maps_on_a_slice(table):
     from fcn_core.config import load_config
 
+    from fcn_core.verdicts import shaped_maps
+
     part = table.slice(9, 13)
     m = _confident_model()
-    out = score_table(m, part, cfg=load_config("tiny"), model_name="m", model_version="1")
     preds = predict_maps(m, die_maps(part))
-    for blob, pred in zip(out.column("pred_map").to_pylist(), preds):
-        assert blob == pred.tobytes()
-    assert out.column("fail_dies").to_pylist() == [int((d == FAIL).sum()) for d in die_maps(part)]
+    every = {"ring": 4.0, "scratch": 4.0, "local zone": 4.0, "circle": 4.0}
+    for rules in ({}, {"scratch": 4.0}, every):
+        cfg = load_config("tiny", {"verdict.min_elongation_by_class": rules})
+        out = score_table(m, part, cfg=cfg, model_name="m", model_version="1")
+        # pred_map is what the dies_* columns count: the network's map after the shape rules
+        shaped = shaped_maps(preds, die_maps(part), class_names=cfg.class_names, verdict=cfg.verdict)
+        for blob, pred in zip(out.column("pred_map").to_pylist(), shaped):
+            assert blob == pred.tobytes()
+        assert out.column("fail_dies").to_pylist() == [int((d == FAIL).sum()) for d in die_maps(part)]
+        for cid, name in enumerate(cfg.class_names[1:], start=1):
+            counted = [int(((p == cid) & (d == FAIL)).sum()) for p, d in zip(shaped, die_maps(part))]
+            assert out.column(column_name(name)).to_pylist() == counted
+        changed = sum(not np.array_equal(a, b) for a, b in zip(shaped, preds))
+        assert (changed > 0) == bool(rules)  # the rules did act on this model's maps
 
 
 def test_bad_die_maps_are_rejected(table):

@@ -19,6 +19,7 @@ from fcn_core.verdicts import (
     miss_examples,
     model_verdict,
     real_eval_report,
+    shaped_maps,
     verdict_labels,
     verdict_scores,
     verdicts_from_counts,
@@ -260,3 +261,29 @@ def test_calibration_retunes_one_pattern_when_one_pair_cannot_fit_all() -> None:
     assert best.thresholds(CLASSES[1:])[0][:2] == [3, 8]  # ring keeps 3 dies, scratch needs 8
     assert verdicts_from_counts(dies, class_names=CLASSES, verdict=best).dominant_pattern == (
         ["ring"] * 3 + ["none"] * 3 + ["scratch"] * 3)
+
+
+def test_shape_rules_apply_before_counting() -> None:
+    die = np.full((6, 6), 2, np.uint8)
+    pred = np.zeros((6, 6), np.uint8)
+    pred[0, :] = 2        # a scratch line of 6 dies
+    pred[3:5, 3:5] = 2    # a 2 x 2 clump called scratch
+    rule = VerdictConfig(min_dies=1, min_share=0.0, min_elongation_by_class={"scratch": 4})
+    no_rule = VerdictConfig(min_dies=1, min_share=0.0)
+    assert wafer_verdicts([pred], [die], class_names=CLASSES, verdict=no_rule).dies[0, 2] == 10
+    assert wafer_verdicts([pred], [die], class_names=CLASSES, verdict=rule).dies[0, 2] == 6
+    shaped = shaped_maps([pred], [die], class_names=CLASSES, verdict=rule)[0]
+    assert (shaped[3:5, 3:5] == 0).all() and (pred[3:5, 3:5] == 2).all()
+    assert shaped_maps([pred], [die], class_names=CLASSES, verdict=no_rule)[0] is pred  # no rule: no copy
+    assert rule.describe().endswith("groups at least this elongated: scratch 4")
+    with pytest.raises(ValueError, match="unknown patterns"):
+        VerdictConfig(min_elongation_by_class={"donut": 4}).elongation_rules(CLASSES)
+    with pytest.raises(ValueError, match="square group"):
+        VerdictConfig(min_elongation_by_class={"scratch": 0.5})
+
+
+def test_calibration_keeps_the_shape_rules_it_is_given() -> None:
+    dies = counts([10, 0, 5, 0, 0], [10, 0, 0, 0, 0])
+    best, _ = calibrate_verdict(dies, ["Scratch", "None"], class_names=CLASSES, source="s",
+                                min_elongation_by_class={"scratch": 4.0})
+    assert best.min_elongation_by_class == {"scratch": 4.0} and best.calibrated_on == "s"

@@ -1,0 +1,76 @@
+"""Shape rules on predicted pattern maps: a scratch is a line.
+
+On real WM-811K maps the network also paints compact clumps of random fail dies as scratch (small
+maps with many random fails look like that to a die-level model). A physical scratch is long and
+thin, so ``apply_min_elongation`` keeps a pattern's dies only in 8-connected groups that are
+elongated enough and gives the rest back to background. Measured on the held-out real maps
+(docs/real-data.md): scratch F1 0.27 -> 0.61, macro-F1 0.725 -> 0.79.
+
+Elongation of a group = sqrt(l1 / l2), the eigenvalues of the covariance of its dies, each die
+taken as a unit square (its own extent adds 1/12 of variance along every axis, so no group is
+infinitely thin): 1 for one die or a square block, 2 for two dies side by side, 3 for three in a
+row, 4 for four in a row, and more for a diagonal line of the same count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from fcn_core.table import FAIL
+
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+DIE_VARIANCE = 1.0 / 12.0  # variance of a unit square along any axis
+_TOLERANCE = 1e-9  # four dies in a row are exactly 4.0 in exact arithmetic
+
+
+def group_elongation(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-connected groups of a boolean map: (group id per position, 0 = none; dies per group; elongation per group).
+
+    The arrays per group are indexed by group id - 1.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {mask.shape}")
+    groups, n = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+    if n == 0:
+        return groups, np.zeros(0, dtype=np.int64), np.zeros(0)
+    ys, xs = np.nonzero(groups)
+    ids = groups[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)[1:]
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=values.astype(np.float64), minlength=n + 1)[1:] / count
+
+    my, mx = mean(ys), mean(xs)
+    vyy = mean(ys * ys) - my * my + DIE_VARIANCE
+    vxx = mean(xs * xs) - mx * mx + DIE_VARIANCE
+    vxy = mean(ys * xs) - my * mx
+    half_trace = (vyy + vxx) / 2
+    spread = np.sqrt(np.maximum(half_trace ** 2 - (vyy * vxx - vxy ** 2), 0.0))
+    l1, l2 = half_trace + spread, np.maximum(half_trace - spread, 1e-12)
+    return groups, count.astype(np.int64), np.sqrt(l1 / l2)
+
+
+def apply_min_elongation(pred: np.ndarray, die: np.ndarray, rules: Mapping[int, float], *,
+                         inplace: bool = False) -> np.ndarray:
+    """Relabel as background (0) the fail dies of class ``c`` in groups less elongated than ``rules[c]``.
+
+    ``pred`` holds class ids, ``die`` the die states; only fail dies are grouped and judged (pass
+    dies are background anyway). Applying the rule twice changes nothing more: whole groups go.
+    """
+    if pred.shape != die.shape:
+        raise ValueError(f"prediction {pred.shape} and die map {die.shape} differ in shape")
+    out = pred if inplace else pred.copy()
+    fail = die == FAIL
+    for class_id, min_elongation in rules.items():
+        mask = fail & (out == class_id)
+        if min_elongation <= 1.0 or not mask.any():
+            continue
+        groups, _, elongation = group_elongation(mask)
+        too_short = np.flatnonzero(elongation < min_elongation - _TOLERANCE) + 1
+        if too_short.size:
+            out[np.isin(groups, too_short)] = 0
+    return out
