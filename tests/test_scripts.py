@@ -31,3 +31,37 @@ def test_block_ceiling_prints_the_table(capsys):
     _script("block_ceiling").main(["--n", "30", "--blocks", "2", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| block | mean IU") and out[-1].startswith("| 1 | 1.000 |")
+
+
+def test_real_verdicts_scores_a_run_with_and_without_the_shape_rule(tmp_path, capsys):
+    import pyarrow as pa
+    import pytest
+
+    from fcn_core.checkpoint import model_state, save_checkpoint
+    from fcn_core.config import load_config
+    from fcn_core.models import build_fcn
+    from fcn_core.synth import generate_wafers
+    from fcn_core.table import write_parquet_atomic
+
+    run = tmp_path / "run"
+    script = _script("real_verdicts")
+    with pytest.raises(SystemExit, match="no real_holdout.parquet"):
+        script.main([str(run)])
+    cfg = load_config("tiny")
+    model = build_fcn("fcn1s", n_classes=cfg.n_classes, preset=cfg.model.preset, geometry=cfg.model.geometry)
+    save_checkpoint(run / "checkpoints" / "fcn1s" / "best.pt",
+                    {"arch": dict(model.arch), "model": model_state(model), "config": cfg.to_dict()})
+    as_dataset = {"none": "None", "scratch": "Scratch", "ring": "Edge-Ring", "local zone": "Loc", "circle": "Center"}
+    for part, seed in (("real_finetune", 1), ("real_holdout", 2)):
+        table = generate_wafers(24, seed=seed, synth=cfg.data.synth)
+        labels = [as_dataset.get(x) for x in table.column("wafer_label").to_pylist()]  # mixes: unlabelled
+        column = table.schema.get_field_index("wafer_label")
+        table = table.set_column(column, "wafer_label", pa.array(labels, pa.string()))
+        write_parquet_atomic(table, run / "data" / f"{part}.parquet")
+    script.main([str(run), "--stages", "fcn8s,fcn1s"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| fcn1s")]
+    assert "skipped fcn8s" in out
+    assert [(r[1], r[2]) for r in rows] == [("scratch 4", "config"), ("scratch 4", "calibrated"),
+                                            ("none", "config"), ("none", "calibrated")]
+    assert all(0.0 <= float(r[3]) <= 1.0 and 0.0 <= float(r[4]) <= 1.0 for r in rows)
