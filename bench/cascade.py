@@ -8,6 +8,7 @@ Use it to time the cascade on another machine (``--device cuda``) or to try a co
 (``--set train.fcn8s.epochs=60``) before it goes into ``configs/``.
 
     python -m bench.cascade [--config default] [--device cpu|cuda] [--set key.path=value ...] [--tag NAME]
+                            [--out DIR]   # keep the checkpoints in DIR/checkpoints/<stage>/ (default: a temp dir)
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="train.device (default: the config's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value override")
     parser.add_argument("--tag", default=None, help="results file bench/results/cascade-<tag>.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the checkpoints in OUT/checkpoints/<stage>/ (the layout of a flow run's folder)")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
@@ -82,8 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = stage_device(cfg)
     payload: dict = {"machine": machine_info(), "threads": threads, "device": str(device), "config": args.config,
                      "overrides": overrides}
-    with tempfile.TemporaryDirectory(prefix="wafer-fcn-cascade-") as tmp:
-        payload["stages"] = run_cascade(cfg, Path(tmp))
+    if args.out is not None:
+        payload["stages"] = run_cascade(cfg, args.out / "checkpoints")
+    else:
+        with tempfile.TemporaryDirectory(prefix="wafer-fcn-cascade-") as tmp:
+            payload["stages"] = run_cascade(cfg, Path(tmp))
     print_table(f"cascade on {device} ({args.config}{' ' + ' '.join(overrides) if overrides else ''})",
                 payload["stages"], ["stage", "epochs", "best_epoch", "train_s", "wafers_per_s", "val_mean_iu",
                                     "test_mean_iu"])

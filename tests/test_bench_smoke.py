@@ -70,8 +70,9 @@ def test_training_bench(bench, tmp_path):
 
 def test_cascade_bench_trains_and_scores_every_stage(bench, tmp_path):
     bench("cascade").main(["--results-dir", str(tmp_path), "--threads", "1", "--config", "tiny", "--device", "cpu",
-                           "--set", "train.final_stage=fcn8s", "--tag", "smoke"])
+                           "--set", "train.final_stage=fcn8s", "--tag", "smoke", "--out", str(tmp_path / "run")])
     data = _load(tmp_path / "cascade-smoke.json")
+    assert (tmp_path / "run" / "checkpoints" / "fcn8s" / "best.pt").exists()  # kept, in a flow run's layout
     rows = {r["stage"]: r for r in data["stages"]}
     assert list(rows)[:3] == ["fcn32s", "fcn16s", "fcn8s"] and len(rows) == 4  # + the wall-time row
     for stage in ("fcn32s", "fcn16s", "fcn8s"):
