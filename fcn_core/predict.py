@@ -418,8 +418,9 @@ def score_table(
                             multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed, bf16=bf16,
                             channels_last=channels_last, subpixel=subpixel, num_threads=num_threads)
     verdict = model_verdict(model, cfg.verdict)
-    # shape rules edit the flat label buffer through per-map views, so pred_map shows what is counted
-    shaped_maps(maps.unpack(labels), maps.unpack(), class_names=cfg.class_names, verdict=verdict, inplace=True)
+    if verdict.min_elongation_by_class:
+        # shape rules edit the flat label buffer through per-map views, so pred_map shows what is counted
+        shaped_maps(maps.unpack(labels), maps.unpack(), class_names=cfg.class_names, verdict=verdict, inplace=True)
     dies, n_pass = _per_map_counts(maps, labels, cfg.n_classes)
     verdicts = verdicts_from_counts(dies, class_names=cfg.class_names, verdict=verdict)
     n = len(maps)

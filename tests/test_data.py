@@ -89,14 +89,18 @@ def test_prefetch_stops_its_thread_when_the_loop_ends_early():
             yield n
             n += 1
 
-    before = threading.active_count()
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "wafer-fcn-prefetch" and t.is_alive()]
+
+    assert not workers()
     ahead = prefetch(endless(), depth=2)
     assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    assert len(workers()) == 1
     ahead.close()  # what a `break` out of the training loop does
     deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while workers() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() == before
+    assert not workers()
     assert len(produced) <= 3 + 2 + 1  # never ran far ahead of the consumer
 
 
