@@ -163,6 +163,8 @@ class TrainConfig(_Strict):
     device: str = "auto"
     num_threads: int | None = None
     max_wafers_per_epoch: int | None = Field(None, ge=1)
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="clip the gradients' global L2 norm to this before each step (null: no clipping)")
     final_stage: Literal["fcn8s", "fcn4s", "fcn2s", "fcn1s"] = Field(
         "fcn8s", description="last stage of the cascade: fcn8s as in the paper, or on to die level (fcn1s)")
     fcn32s: StageConfig = StageConfig()

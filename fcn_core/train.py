@@ -310,6 +310,8 @@ def train_stage(
                     loss = torch.where(torch.isfinite(loss), loss, logits.sum() * 0.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.train.grad_clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
                 loss_sum = loss_sum + loss.detach()  # a tensor: no GPU sync per step

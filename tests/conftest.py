@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # store, never write to ~/.prefect, never phone home (the test machines are offline).
     for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "WAFER_FCN_HOME"):
         os.environ.pop(name, None)
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="wafer-fcn-test-prefect-")
+    config._wafer_fcn_prefect_home = tempfile.mkdtemp(prefix="wafer-fcn-test-prefect-")  # type: ignore[attr-defined]
+    os.environ["PREFECT_HOME"] = config._wafer_fcn_prefect_home  # type: ignore[attr-defined]
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_CLI_PROMPT"] = "false"
     os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # tasks called outside a flow
     os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The session's Prefect home (its SQLite database, logs) is scratch: leave no trace in /tmp.
+    home = getattr(config, "_wafer_fcn_prefect_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -103,3 +103,25 @@ def test_wrong_init_checkpoint_is_rejected(cfg, sets, tmp_path):
                      init_checkpoint=r.best_checkpoint)
     with pytest.raises(ValueError, match="fcn16s starts from a coarser stage"):
         build_stage_model(cfg, "fcn16s", r8.best_checkpoint)
+
+
+def _first_step_change(sets, tmp_path, **train) -> float:
+    """L2 norm of the parameter change made by one plain SGD step of lr 1 (one batch: one padded size)."""
+    cfg = load_config("tiny", {"data.pad_fixed": 64, "train.optimizer": "sgd", "train.momentum": 0.0,
+                               "train.weight_decay": 0.0, "train.augment": False,
+                               "train.num_threads": 2, "train.max_wafers_per_epoch": 16, "train.grad_clip_norm": None,
+                               "train.fcn32s": {"epochs": 1, "lr": 1.0, "batch_size": 16},
+                               **{f"train.{k}": v for k, v in train.items()}})
+    torch.manual_seed(cfg.train.seed)  # train_stage seeds FCN-32s with train.seed: the same initial weights
+    before = build_stage_model(cfg, "fcn32s", None).state_dict()
+    result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path, progress=False)
+    model, _ = load_model(result.last_checkpoint)
+    after = model.state_dict()
+    return float(torch.sqrt(sum(((after[k] - before[k]).double() ** 2).sum() for k in before)))
+
+
+def test_grad_clip_norm_bounds_the_step(sets, tmp_path):
+    free = _first_step_change(sets, tmp_path / "free")
+    clipped = _first_step_change(sets, tmp_path / "clipped", grad_clip_norm=0.01)
+    assert free > 0.1                            # the unclipped gradient is far longer than the clip
+    assert clipped == pytest.approx(0.01, rel=1e-3)  # so the step is exactly the clip's length
