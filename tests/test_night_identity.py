@@ -1,0 +1,70 @@
+"""A night scored by a fixed model must not change, byte for byte, when the code is restructured.
+
+``tests/data/golden_fcn8s.pt`` is a small trained FCN-8s (weights + arch, weights-only) and
+``tests/data/golden_night.parquet`` a fixed synthetic night of 300 wafers; the hashes below were
+recorded with the scoring code as it was before the Scorer/inference refactor (issue #14). A
+change of any predicted die, count, verdict or column of the predictions table fails this test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fcn_core.config import VerdictConfig, load_config
+from fcn_core.models import fcn_from_arch
+
+DATA = Path(__file__).parent / "data"
+
+# (bf16, verdict) -> sha256 of the predictions table, recorded before the refactor
+GOLDEN = {
+    (False, "config"): "80e8f974d240d104039a666fb0467cb78397803f2855fb5119ed041088677d4c",
+    (False, "calibrated"): "694c90bfde4f0ca2681db3065d70e476f8555a80bc2a5b2567f70f10f36bcbee",
+    (True, "config"): "d2465b8dd55f6cde62841646d625d36d0f09c863de6b2ee323006cac9d73f0c8",
+}
+
+CALIBRATED = VerdictConfig(min_dies=5, min_share=0.1, min_dies_by_class={"scratch": 3},
+                           min_share_by_class={"circle": 0.2}, min_elongation_by_class={"scratch": 4.0},
+                           calibrated_on="golden")
+
+
+def table_digest(table: pa.Table) -> str:
+    h = hashlib.sha256()
+    for name in table.column_names:
+        h.update(name.encode())
+        h.update(str(table.column(name).type).encode())
+        h.update(repr(table.column(name).to_pylist()).encode())
+    return h.hexdigest()
+
+
+def golden_model() -> torch.nn.Module:
+    saved = torch.load(DATA / "golden_fcn8s.pt", weights_only=True)
+    model = fcn_from_arch(saved["arch"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def score(bf16: bool, verdict_name: str) -> pa.Table:
+    cfg = load_config("tiny")
+    night = pq.read_table(DATA / "golden_night.parquet")
+    verdict = cfg.verdict if verdict_name == "config" else CALIBRATED
+    from fcn_core.predict import score_table
+
+    model = golden_model()
+    if verdict_name != "config":
+        model.verdict = verdict
+    return score_table(model, night, cfg=cfg, model_name="golden", model_version="1", bf16=bf16)
+
+
+@pytest.mark.parametrize("bf16,verdict_name", list(GOLDEN))
+def test_night_scores_byte_identical(bf16, verdict_name):
+    out = score(bf16, verdict_name)
+    labels = np.frombuffer(b"".join(out.column("pred_map").to_pylist()), np.uint8)
+    assert len(np.unique(labels)) >= 3, "the golden model must paint several patterns to be a real check"
+    assert table_digest(out) == GOLDEN[(bf16, verdict_name)]
