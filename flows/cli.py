@@ -398,7 +398,9 @@ def predict(
         scorer, name, version = load_scorer_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
     except (LookupError, FileNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
-    net, cfg = scorer.model, cfg.model_copy(update={"verdict": scorer.verdict})  # judged by the model's rules
+    if scorer.verdict.calibrated_on:  # calibrated rules travel with the model (as before the Scorer)
+        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
+    net = scorer.model
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
         scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
                              batch_size=batch_size, device=dev, num_threads=threads)

@@ -99,7 +99,8 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     except registry.NoChampionError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
-    cfg = cfg.model_copy(update={"verdict": scorer.verdict})  # the champion's verdict rules judge tonight
+    if scorer.verdict.calibrated_on:  # the champion's calibrated rules judge tonight (as before the Scorer)
+        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
     remember_model(cfg.tracking_uri, name, version, scorer.model)
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -216,7 +217,9 @@ def rebase_artifacts(db: Path) -> str | None:
     elsewhere (a shared volume, a server) is never touched.
     """
     new_root = (db.parent / ARTIFACTS_DIR).as_uri()
-    with sqlite3.connect(db, timeout=5) as conn:
+    with closing(sqlite3.connect(db, timeout=5)) as conn, conn:  # commit, then close
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
+            return None  # a store MLflow has not set up yet
         rows = conn.execute("SELECT artifact_location FROM experiments").fetchall()
         old_roots = {loc for (loc,) in rows if loc and loc.startswith("file:") and loc.rstrip("/").endswith(
             "/" + ARTIFACTS_DIR) and loc.rstrip("/") != new_root}
