@@ -256,7 +256,8 @@ def test_load_scorer_uri_forms(home, client, tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "nothing-here", "s3://bucket/model", "models:/fcn-uris/two",
-                                 "runs:/", "folder-without-mlmodel"])
+                                 "runs:/", "runs:/0123456789abcdef/model", "models:/m-0123456789abcdef",
+                                 "folder-without-mlmodel"])
 def test_anything_else_is_refused_with_one_line(home, client, tmp_path, bad):
     (tmp_path / "folder-without-mlmodel").mkdir()
     target = str(tmp_path / bad) if bad in ("nothing-here", "folder-without-mlmodel") else bad
@@ -264,7 +265,7 @@ def test_anything_else_is_refused_with_one_line(home, client, tmp_path, bad):
         registry.load_scorer_uri(target, tracking_uri=make_cfg(home).tracking_uri)
     message = str(err.value)
     assert "\n" not in message and "index out of range" not in message
-    assert target in message or "models:/" in message
+    assert target in message or "models:/" in message or "runs:/" in message
 
 
 def test_malicious_pickles_are_refused_and_never_run(home, tmp_path):

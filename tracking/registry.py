@@ -256,7 +256,12 @@ def load_scorer_uri(uri: str, *, tracking_uri: str, device: str = "cpu") -> tupl
     if uri.startswith("models:/"):
         ref = uri[len("models:/"):].strip("/")
         if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a logged model id
-            location = reader(tracking_uri).get_logged_model(ref).artifact_location
+            from mlflow.exceptions import MlflowException
+
+            try:
+                location = reader(tracking_uri).get_logged_model(ref).artifact_location
+            except MlflowException:
+                raise ModelRefusedError(f"--model {uri!r}: no logged model {ref} in {tracking_uri}") from None
             return _scorer_from_location(location, tracking_uri=tracking_uri, device=device, label=uri), uri, ref
         if "@" in ref:
             name, alias = ref.rsplit("@", 1)
