@@ -256,6 +256,9 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the embedded SQLite store")
     experiment: str = "wafer-fcn"
     registered_model: str = "wafer-fcn"
+    replace_unloadable_champion: bool = Field(
+        False, description="let a new version take 'champion' from one that fails to load (logged on the run "
+                           "and the version); false: it becomes 'challenger', a transient failure never promotes")
 
 
 class Config(_Strict):

@@ -362,7 +362,8 @@ def predict(
     dest: Annotated[str, typer.Argument(metavar="OUT.parquet", help="Predictions table to write (atomically).")],
     model: Annotated[str | None, typer.Option(
         "--model", "-m", show_default=False,
-        help="models:/wafer-fcn@champion (default), models:/NAME/VERSION, runs:/ID/model or a checkpoint .pt"
+        help="models:/wafer-fcn@champion (default), models:/NAME/VERSION, runs:/ID/model, a model folder or a "
+             "scorer .pt (weights only: anything else is refused)"
     )] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Wafers per forward pass.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -380,7 +381,8 @@ def predict(
     """
     from fcn_core.predict import resolve_device, score_table
     from fcn_core.validate import validate_table
-    from tasks import tracking
+    from tracking.registry import load_scorer_uri
+    from tracking.store import StoreError
 
     cfg = command_config(ctx, config, overrides)
     table = read_wafer_table(source)
@@ -393,9 +395,12 @@ def predict(
     uri = model or f"models:/{cfg.tracking.registered_model}@champion"
     dev = resolve_device(device)
     try:
-        net, name, version = tracking.load_model_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
-    except (LookupError, FileNotFoundError, ValueError) as exc:
+        scorer, name, version = load_scorer_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
+    except (LookupError, FileNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
+    if scorer.verdict.calibrated_on:  # calibrated rules travel with the model (as before the Scorer)
+        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
+    net = scorer.model
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
         scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
                              batch_size=batch_size, device=dev, num_threads=threads)

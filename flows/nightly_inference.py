@@ -25,13 +25,14 @@ from prefect.states import Failed
 
 from fcn_core.config import Config
 from fcn_core.ingest import list_partitions
+from fcn_core.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
+from fcn_core.watermark import WATERMARK_NAME, Watermark
 from flows.params import NightlyParams
 from flows.steps import ingest_drops
-from tasks import tracking
-from tasks.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
 from tasks.runtime import make_task_runner
 from tasks.scoring import file_exists, part_files, predictions_path, remember_model, score_partition
-from tasks.watermark import WATERMARK_NAME, Watermark
+from tracking import registry
+from tracking.store import reader
 
 __all__ = ["NightlyParams", "nightly_inference"]
 
@@ -94,16 +95,18 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     curated_root = params.curated_root or str(cfg.home_dir / "curated")
     out_root = str(predictions_root(cfg))
     try:
-        model, name, version = tracking.load_champion(cfg)
-    except tracking.NoChampionError as exc:
+        scorer, name, version = registry.load_champion(cfg)
+    except registry.NoChampionError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
-    remember_model(cfg.tracking_uri, name, version, model)
+    if scorer.verdict.calibrated_on:  # the champion's calibrated rules judge tonight (as before the Scorer)
+        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
+    remember_model(cfg.tracking_uri, name, version, scorer.model)
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
         log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],
                  ingested["rows_quarantined"])
-    model_run_id = tracking.configure(cfg).get_model_version(name, version).run_id or ""
+    model_run_id = reader(cfg.tracking_uri).get_model_version(name, version).run_id or ""
 
     watermark = Watermark.load(Path(out_root) / WATERMARK_NAME)
     dates = list_partitions(curated_root)

@@ -26,10 +26,11 @@ from fcn_core.evaluate import STAGE_TITLES
 from fcn_core.train import FINETUNE, STAGES, stages_to_train
 from flows.params import TrainParams
 from flows.steps import ingest_drops
-from tasks import tracking
 from tasks.data import snapshot_splits, synthesise_drop
 from tasks.runtime import ensure_concurrency_limit
 from tasks.training import calibrate_task, evaluate_stages, prepare_real_task, register_task, train_stage_task
+from tracking import provenance, runs
+from tracking.store import open_store
 
 __all__ = ["TrainParams", "train_fcn"]
 
@@ -56,7 +57,7 @@ def choose_stage(results: dict[str, dict], *, prefer_finetune: bool = False) -> 
 
 def _results_markdown(cfg: Config, *, parent_run_id: str, registration: dict, evaluation: dict,
                       chosen: str) -> str:
-    url = tracking.run_url(cfg, parent_run_id)
+    url = runs.run_url(cfg, parent_run_id)
     link = f"[{parent_run_id}]({url})" if url else f"`{parent_run_id}`"
     lines = [
         f"# train-fcn: {registration['name']} v{registration['version']} -> `{registration['alias']}`",
@@ -86,7 +87,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
     results: dict[str, dict] = {}
     init = None
     for stage in stages:
-        stage_run = tracking.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
+        stage_run = runs.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
         status = "FAILED"
         try:
             train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
@@ -99,7 +100,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
                     real_path=paths["real_finetune"], stage_run_id=stage_run)
             status = "FINISHED"
         finally:
-            tracking.end_run(client, stage_run, status)
+            runs.end_run(client, stage_run, status)
         init = results[stage]["best_checkpoint"]
     return results
 
@@ -129,8 +130,8 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         paths["real_finetune"] = real["paths"]["real_finetune"]  # all real maps outside the holdout
         paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
 
-    client = tracking.configure(cfg)
-    parent = tracking.start_parent_run(client, cfg, data_fingerprint=tracking.data_fingerprint(list(paths.values())))
+    client = open_store(cfg)
+    parent = runs.start_parent_run(client, cfg, data_fingerprint=provenance.data_fingerprint(list(paths.values())))
     client.set_tag(parent, "prefect.flow_run_id", flow_run.get_id() or "")
     for split, n in snap["counts"].items():
         client.log_metric(parent, f"data/{split}_wafers", n)
@@ -156,7 +157,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
                 candidate_score=evaluation["scores"][chosen]["fail_only"]["mean_iu"], test_path=paths["test"])
         status = "FINISHED"
     finally:
-        tracking.end_run(client, parent, status)
+        runs.end_run(client, parent, status)
 
     create_table_artifact(key="train-fcn-results", table=evaluation["rows"],
                           description=f"Test split scores per stage (MLflow run {parent})")

@@ -67,10 +67,10 @@ def registered_model(tracking_uri: str, name: str, version: str, *, device: str 
     key = (tracking_uri, name, str(version))
     with _models_lock:  # held while loading: concurrent tasks wait for one load, not N
         if key not in _models:
-            from tasks.tracking import load_model_uri
+            from tracking.registry import load_scorer_uri
 
-            model, _, _ = load_model_uri(f"models:/{name}/{version}", tracking_uri=tracking_uri, device=device)
-            _models[key] = _shareable(model)
+            scorer, _, _ = load_scorer_uri(f"models:/{name}/{version}", tracking_uri=tracking_uri, device=device)
+            _models[key] = _shareable(scorer.model)
         return _models[key]
 
 

@@ -28,7 +28,9 @@ from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import calibrate_verdict, count_fail_dies, model_verdict, shaped_maps
 from fcn_core.weak import holdout_mask, weak_label_table
-from tasks import tracking
+from tracking import runs
+from tracking.registry import register_model
+from tracking.store import open_store
 
 OVERLAY_WAFERS = 8
 
@@ -46,10 +48,10 @@ def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str
                      init_checkpoint: str | None, stage_run_id: str) -> dict:
     """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``."""
     cfg = config_from_dict(config)
-    client = tracking.configure(cfg)
+    client = open_store(cfg)
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
                          out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
-                         on_epoch=tracking.epoch_logger(client, stage_run_id), progress=True)
+                         on_epoch=runs.epoch_logger(client, stage_run_id), progress=True)
     for key, value in (("best_val_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
                        ("train_seconds", result.seconds), ("train_wafers_per_s", result.wafers_per_s)):
         if (v := _finite(value)) is not None:
@@ -118,7 +120,7 @@ def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_i
     state = load_checkpoint(checkpoint)
     state["config"] = model_cfg.model_copy(update={"verdict": verdict}).to_dict()
     dest = save_checkpoint(Path(checkpoint).with_name("calibrated.pt"), state)
-    client = tracking.configure(cfg)
+    client = open_store(cfg)
     client.log_metric(stage_run_id, "calibration/macro_f1", f1)
     patterns = cfg.class_names[1:]
     for name, min_dies, min_share in zip(patterns, *verdict.thresholds(patterns)):
@@ -159,7 +161,7 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
     results rows, the written files and the real-map metrics.
     """
     cfg = config_from_dict(config)
-    client = tracking.configure(cfg)
+    client = open_store(cfg)
     device = resolve_device(cfg.train.device)
     test = _load_split(test_path)
     scores: dict[str, EvalScores] = {}
@@ -182,7 +184,7 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
             cfg, models[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
             title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
         paths.update(real_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in real_paths.items()})
-    tracking.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
+    runs.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
     for stage, s in scores.items():
         for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
             for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
@@ -224,25 +226,30 @@ def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, devic
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def register_task(*, config: dict, parent_run_id: str, checkpoint: str, candidate_score: float,
                   test_path: str) -> dict:
-    """Log and register the model; ``champion`` moves only if it scores at least the re-scored champion.
+    """Log and register the scorer at ``checkpoint`` (a scorer bundle or a training checkpoint);
+    ``champion`` moves only as ``fcn_core.promotion.decide`` says (at least the re-scored champion).
 
     Retried: it talks to the tracking server and the artifact store. A retry after a partial
     registration may add one more version, which the alias policy handles like any other.
     """
     cfg = config_from_dict(config)
-    client = tracking.configure(cfg)
+    client = open_store(cfg)
     test = _load_split(test_path)
     device = resolve_device(cfg.train.device)
 
-    def rescore(model) -> float:
-        return float(evaluate(model.to(device), test, n_classes=cfg.n_classes, device=device,
+    def rescore(scorer) -> float:
+        return float(evaluate(scorer.model.to(device), test, n_classes=cfg.n_classes, device=device,
                               multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
 
-    result = tracking.register_model(cfg, client=client, run_id=parent_run_id, checkpoint_path=checkpoint,
-                                     candidate_score=candidate_score, rescore=rescore)
-    get_run_logger().info("registered %s v%s as %s (candidate %.4f, champion %s)", result.name, result.version,
-                          result.alias, result.candidate_score,
-                          "n/a" if result.champion_score is None else f"{result.champion_score:.4f}")
+    result = register_model(cfg, client=client, run_id=parent_run_id, scorer_path=checkpoint,
+                            candidate_score=candidate_score, rescore=rescore)
+    log = get_run_logger()
+    log.info("registered %s v%s as %s (candidate %.4f, champion %s): %s", result.name, result.version, result.alias,
+             result.candidate_score, "n/a" if result.champion_score is None else f"{result.champion_score:.4f}",
+             result.reason)
+    if result.override:
+        log.warning("override tracking.replace_unloadable_champion used: %s", result.reason)
     return {"name": result.name, "version": result.version, "alias": result.alias,
             "candidate_score": result.candidate_score, "champion_score": result.champion_score,
-            "previous_champion_version": result.previous_champion_version, "model_uri": result.model_uri}
+            "previous_champion_version": result.previous_champion_version, "model_uri": result.model_uri,
+            "reason": result.reason, "override": result.override}

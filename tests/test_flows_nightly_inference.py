@@ -14,7 +14,7 @@ from fcn_core.synth import generate_wafers
 from fcn_core.table import write_parquet_atomic
 from flows.nightly_inference import NightlyParams, nightly_inference
 from flows.train_fcn import TrainParams, train_fcn
-from tasks.watermark import WATERMARK_NAME
+from fcn_core.watermark import WATERMARK_NAME
 
 NIGHT = SynthConfig(wafers_per_lot=5, size_max=40, nights=2)
 

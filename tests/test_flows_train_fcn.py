@@ -199,12 +199,12 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     assert held_ids and not held_ids & tuned_ids  # never trained on what is scored
     assert any(i.startswith("syn-11-") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
     # the registered model carries the verdict thresholds calibrated on the fine-tune part
-    from tasks.tracking import load_champion
+    from tracking.registry import load_champion
 
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
-    model, _, version = load_champion(cfg)
+    scorer, _, version = load_champion(cfg)
     assert version == result["registered_version"]
-    assert model.verdict.calibrated_on == "real_finetune.parquet"
+    assert scorer.verdict.calibrated_on == "real_finetune.parquet"
     store = MlflowClient(tracking_uri=cfg.tracking_uri)
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
                                      filter_string="attributes.run_name = 'finetune'")

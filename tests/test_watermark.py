@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tasks.watermark import WATERMARK_NAME, Watermark
+from fcn_core.watermark import WATERMARK_NAME, Watermark
 
 
 def record(wm: Watermark, date: str, parts: dict[str, int], *, replace: bool, version: str = "1") -> None:

@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from tasks.nightly_summary import (
+from fcn_core.nightly_summary import (
     JumpRule,
     pattern_rates,
     summarise_night,
