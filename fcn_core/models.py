@@ -323,9 +323,8 @@ class FCN8s(FCNBase):
 
 # Finer stages: the skip architecture carried on to the die. The paper stopped at FCN-8s because
 # returns diminished on 500x500 photos; a wafer map is ~26x26 dies and is labelled die by die, so
-# a stride-8 output paints 8x8 blocks of dies with one smooth score. Measured on the generator's
-# test wafers, the best possible block-constant labelling reaches only 0.79 mean IU on fail dies at
-# 8x8 blocks (scratch 0.57), 0.88 at 4x4, 0.94 at 2x2 (docs/models.md): each halving is worth it.
+# a stride-8 output paints 8x8 blocks of dies with one smooth score, and even the best block-constant
+# labelling loses a clear share of mean IU at each block size (the ceilings: docs/models.md).
 class FCN4s(FCNBase):
     arch_name = "fcn4s"
     skips = FCN8s.skips + (("pool2", "score_pool2", "upscore_pool3"),)

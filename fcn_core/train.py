@@ -1,4 +1,4 @@
-"""Training of one FCN stage, and the staged fine-tuning FCN-32s -> FCN-16s -> FCN-8s.
+"""Training of one FCN stage, and the staged cascade FCN-32s -> 16s -> 8s -> ... -> FCN-1s.
 
 No orchestration or tracking imports here: progress leaves through the ``on_epoch`` callback
 (the Prefect task turns it into MLflow metrics). Runs on CPU or CUDA, single process or under
@@ -261,7 +261,7 @@ def train_stage(
     stage_dir = Path(out_dir) / stage
     last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
     model = build_stage_model(cfg, stage, init_checkpoint).to(device)
-    # channels_last pays on CPU (oneDNN) as well as CUDA: ~1.6-2x per training step, measured here
+    # channels_last pays on CPU (oneDNN) as well as CUDA (training-step speed-ups: docs/performance.md)
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, stage_cfg.lr)
     steps_per_epoch = max(1, _count_steps(cfg, _epoch_wafers(cfg, train_set, seed), stage_cfg.batch_size, info))
