@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -151,8 +152,14 @@ def test_a_path_like_name_is_not_looked_up_among_the_shipped_configs(tmp_path):
 
 
 def test_the_wheel_ships_the_default_configs(tmp_path):
+    source = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info there
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    for package in ("fcn_core", "tasks", "flows", "configs"):
+        shutil.copytree(REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path), str(REPO_ROOT)], capture_output=True, text=True,
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True,
                            cwd=tmp_path, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("wafer_fcn-*.whl")
