@@ -26,9 +26,11 @@ import psutil
 import pyarrow as pa
 import torch
 
+from fcn_core.settings import CHECKOUT_REAL_DATA, REAL_VALIDATION_MAPS, settings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-REAL_DATA = Path(os.environ.get("WAFER_FCN_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "wm811k-val.parquet"))
+REAL_DATA = (settings().real_data_dir() or CHECKOUT_REAL_DATA) / REAL_VALIDATION_MAPS  # $WAFER_FCN_REAL_DATA: a folder
 CACHE_DIR = REPO_ROOT / "var" / "bench"  # trained models for accuracy checks (git-ignored)
 NO_GPU = "not measured: no GPU available in this session"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")

@@ -7,16 +7,19 @@ including the class names and ids: no other module hard-codes them.
 
 from __future__ import annotations
 
-import os
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Repository root: configs/ lives beside the packages in a checkout (editable install).
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+from fcn_core.settings import CHECKOUT_ROOT, REAL_VALIDATION_MAPS, settings
+from fcn_core.stages import STAGES
+
+# The checkout's root (git provenance, prefect.yaml); an installed wheel finds configs/ as package data.
+REPO_ROOT = CHECKOUT_ROOT
 
 
 class _Strict(BaseModel):
@@ -136,7 +139,9 @@ class StageConfig(_Strict):
 
 
 class FinetuneConfig(StageConfig):
-    """Weak-label fine-tuning on real maps after the last stage (fcn_core.weak; off by default).
+    """Weak-label fine-tuning on real maps after the last stage (fcn_core.weak).
+
+    Off unless enabled; configs/default.yaml sets ``enabled: auto`` (on when the real maps are there).
 
     The real maps come from ``eval.real_data``; a fixed ``holdout_fraction`` of them (by lot) is
     never trained on and is the only part real-map scores are computed on while this is enabled.
@@ -165,7 +170,7 @@ class TrainConfig(_Strict):
     max_wafers_per_epoch: int | None = Field(None, ge=1)
     grad_clip_norm: float | None = Field(
         None, gt=0, description="clip the gradients' global L2 norm to this before each step (null: no clipping)")
-    final_stage: Literal["fcn8s", "fcn4s", "fcn2s", "fcn1s"] = Field(
+    final_stage: Literal[STAGES[2:]] = Field(  # type: ignore[valid-type]  # fcn8s ... fcn1s
         "fcn8s", description="last stage of the cascade: fcn8s as in the paper, or on to die level (fcn1s)")
     fcn32s: StageConfig = StageConfig()
     fcn16s: StageConfig = StageConfig(lr=5e-4)
@@ -241,15 +246,15 @@ class EvalConfig(_Strict):
     """Evaluation beyond the synthetic test split: wafer-level verdicts on real, labelled maps."""
 
     real_data: str | None = Field(
-        "auto", description="wafer table with dataset wafer labels (e.g. WM-811K); 'auto': the shared "
-                            "wm811k-val.parquet beside the checkout when present; null: skip")
+        "auto", description="wafer table with dataset wafer labels (e.g. WM-811K); 'auto': "
+                            "wm811k-val.parquet in the real-data folder (fcn_core.settings) when present; null: skip")
     real_max_wafers: int | None = Field(None, ge=1, description="score a seeded random sample of N real wafers")
 
     def real_data_path(self) -> str | None:
         if self.real_data != "auto":
             return self.real_data
-        candidate = REPO_ROOT.parent / "shared" / "data" / "wm811k-val.parquet"
-        return str(candidate) if candidate.exists() else None
+        found = settings().real_maps(REAL_VALIDATION_MAPS)
+        return str(found) if found is not None else None
 
 
 class TrackingConfig(_Strict):
@@ -299,16 +304,16 @@ class Config(_Strict):
 
     @property
     def home_dir(self) -> Path:
-        raw = self.home or os.environ.get("WAFER_FCN_HOME") or "var"
-        return Path(raw).expanduser().resolve()
+        return Path(self.home).expanduser().resolve() if self.home else settings().home_dir()
 
     @property
     def tracking_uri(self) -> str:
         """Explicit config > $MLFLOW_TRACKING_URI > embedded SQLite file in the home dir."""
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+        preferred = settings().mlflow_tracking_uri
+        if preferred:
+            return preferred
         return f"sqlite:///{self.home_dir / 'mlflow.db'}"  # absolute path -> four slashes
 
     # -- I/O --------------------------------------------------------------------------------
@@ -359,23 +364,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A config is named (``default`` -> configs/default.yaml) or given as a path."""
+def config_names() -> list[str]:
+    """Names of the shipped configs (the ``configs`` package's *.yaml: default, tiny, ...)."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in files("configs").iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path | Traversable:
+    """A config is named (``default`` -> the shipped configs/default.yaml) or given as a path."""
     p = Path(name_or_path)
     if p.suffix in {".yaml", ".yml"} and p.exists():
         return p
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
+    candidate = files("configs") / f"{name_or_path}.yaml"
+    if "/" not in str(name_or_path) and candidate.is_file():
         return candidate
-    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {str(name_or_path)!r} not found (known: {', '.join(known)})")
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found (known: {', '.join(config_names())})")
 
 
 def load_config(
     name_or_path: str | Path = "default", overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
     path = resolve_config_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if overrides:
         data = apply_overrides(data, overrides)
     return Config.model_validate(data)

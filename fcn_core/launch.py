@@ -16,7 +16,8 @@ import json
 from fcn_core.config import load_config
 from fcn_core.data import WaferSet
 from fcn_core.table import read_parquet
-from fcn_core.train import STAGES, init_distributed, stage_device, stages_to_train, train_stage
+from fcn_core.stages import STAGES
+from fcn_core.train import init_distributed, stage_device, stages_to_train, train_stage
 
 
 def main(argv: list[str] | None = None) -> None:

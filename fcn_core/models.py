@@ -22,10 +22,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fcn_core.stages import STAGES
 
 IN_CHANNELS = 3  # one-hot die states: no die, pass, fail (fcn_core.padding.one_hot_dies)
 BLOCK_DEPTHS = (2, 2, 3, 3, 3)  # convs per VGG16 block
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s")  # coarse to fine
+MODEL_NAMES = STAGES  # one model per cascade stage, coarse to fine (fcn_core.stages)
 GEOMETRIES = ("classic", "aligned")
 INPUT_NORMS = ("none", "imagenet")
 CLASSIC_MARGIN = 100  # conv1_1 padding of the reference FCN
@@ -320,9 +323,8 @@ class FCN8s(FCNBase):
 
 # Finer stages: the skip architecture carried on to the die. The paper stopped at FCN-8s because
 # returns diminished on 500x500 photos; a wafer map is ~26x26 dies and is labelled die by die, so
-# a stride-8 output paints 8x8 blocks of dies with one smooth score. Measured on the generator's
-# test wafers, the best possible block-constant labelling reaches only 0.79 mean IU on fail dies at
-# 8x8 blocks (scratch 0.57), 0.88 at 4x4, 0.94 at 2x2 (docs/models.md): each halving is worth it.
+# a stride-8 output paints 8x8 blocks of dies with one smooth score, and even the best block-constant
+# labelling loses a clear share of mean IU at each block size (the ceilings: docs/models.md).
 class FCN4s(FCNBase):
     arch_name = "fcn4s"
     skips = FCN8s.skips + (("pool2", "score_pool2", "upscore_pool3"),)
@@ -438,29 +440,18 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 @torch.no_grad()
 def forward_gflops(model: nn.Module, h: int, w: int) -> float:
-    """Forward GFLOPs (2 * multiply-accumulates of conv and transposed-conv layers) for one h x w map.
+    """Forward GFLOPs for one h x w map, counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
-    Works on a model built under ``torch.device("meta")`` too (shapes only, no arithmetic).
+    A multiply-add counts as 2 FLOPs; only the convolutions and transposed convolutions carry FLOPs
+    here (ReLU, pooling, crops and sums are not counted). Works on a model built under
+    ``torch.device("meta")`` too (shapes only, no arithmetic).
     """
-    macs = 0
-
-    def count(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        k = layer.kernel_size[0] * layer.kernel_size[1]
-        if isinstance(layer, nn.ConvTranspose2d):  # every input element scatters a k x k x C_out patch
-            macs += inputs[0][0].numel() * (layer.out_channels // layer.groups) * k
-        else:
-            macs += output[0].numel() * (layer.in_channels // layer.groups) * k
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     was_training = model.training
     param = next(model.parameters())
     try:
         model.eval()
-        model(torch.zeros(1, IN_CHANNELS, h, w, device=param.device, dtype=param.dtype))
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, IN_CHANNELS, h, w, device=param.device, dtype=param.dtype))
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
-    return 2 * macs / 1e9
+    return counter.get_total_flops() / 1e9

@@ -28,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from fcn_core.config import DEFAULT_CLASSES, ClassSpec, SynthConfig
+from fcn_core.stages import NO_PATTERN
 from fcn_core.table import FAIL, PASS, make_table
 
 # The generator's pattern kinds, by class name; ids always come from the class list.
 RING, SCRATCH, LOCAL, CIRCLE = "ring", "scratch", "local zone", "circle"
 PATTERN_KINDS = (RING, SCRATCH, LOCAL, CIRCLE)
 DRAW_ORDER = (RING, LOCAL, CIRCLE, SCRATCH)  # last drawn wins a shared die
-NONE_LABEL = "none"
+NONE_LABEL = NO_PATTERN  # a wafer without pattern: the verdict's "none" (fcn_core.stages)
 DEFAULT_START_DATE = date(2026, 1, 1)
 
 _REF_DIES = 550  # background_rate is the inner-die fail rate of a product with this many dies
@@ -122,11 +123,11 @@ def _make_product(lot: int, *, seed: int, synth: SynthConfig, start_date: date) 
     u, v = uu.ravel()[sites], vv.ravel()[sites]
     n_dies = max(sites.size, 1)
     # Poisson yield: a die fails with 1 - exp(-defects per die); defects per die grow with die area,
-    # i.e. shrink with the number of dies per wafer (real maps: 0.17 at 550 dies, 0.03 at 3,000).
+    # i.e. shrink with the number of dies per wafer (as on the real maps: docs/synth.md).
     lam_ref = -np.log1p(-synth.background_rate)
     lam = lam_ref * _REF_DIES / n_dies * np.exp(rng.normal(0, synth.background_lot_sigma))
     inner_rate = float(1 - np.exp(-lam))
-    # The edge effect is relatively stronger on products with many small dies (real: 1.9x -> 3.8x).
+    # The edge effect is relatively stronger on products with many small dies (real maps: docs/synth.md).
     edge_boost = float(synth.edge_fail_boost * (n_dies / _REF_DIES) ** 0.3 * np.exp(rng.normal(0, 0.25)))
     # Lots start 18:00-21:00 on one of the nights and take at most 2.5 hours, so every capture stays
     # on its night's date: `nights` nights give `nights` capture dates (ingest partitions).

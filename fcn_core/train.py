@@ -1,4 +1,4 @@
-"""Training of one FCN stage, and the staged fine-tuning FCN-32s -> FCN-16s -> FCN-8s.
+"""Training of one FCN stage, and the staged cascade FCN-32s -> 16s -> 8s -> ... -> FCN-1s.
 
 No orchestration or tracking imports here: progress leaves through the ``on_epoch`` callback
 (the Prefect task turns it into MLflow metrics). Runs on CPU or CUDA, single process or under
@@ -25,12 +25,12 @@ from fcn_core.checkpoint import load_checkpoint, load_model, model_state, save_c
 from fcn_core.config import Config
 from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies, prefetch
 from fcn_core.evaluate import evaluate
-from fcn_core.models import MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
+from fcn_core.models import build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
 from fcn_core.predict import autocast_for, resolve_device
+from fcn_core.stages import FINETUNE, STAGES
 
-STAGES = MODEL_NAMES  # coarse to fine: fcn32s, fcn16s, fcn8s, then the die-level fcn4s, fcn2s, fcn1s
-FINETUNE = "finetune"  # weak-label fine-tuning on real maps (fcn_core.weak): same model, more data
+__all__ = ["FINETUNE", "STAGES"]  # re-exported: flows, bench and launch import them from here
 
 
 def stages_to_train(cfg: Config) -> tuple[str, ...]:
@@ -111,9 +111,14 @@ def build_stage_model(cfg: Config, stage: str, init_checkpoint: str | None) -> n
 
 
 def make_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases (the paper's Caffe solver did the same).
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    """AdamW or SGD over two groups: weight decay on weight matrices and kernels (``ndim >= 2``) only.
+
+    Biases and BatchNorm scales and shifts (vectors) are not decayed: shrinking a scale towards zero
+    does not regularise the function, it just fights the normalisation (nanoGPT's rule by rank).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.train.optimizer == "sgd":
@@ -256,7 +261,7 @@ def train_stage(
     stage_dir = Path(out_dir) / stage
     last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
     model = build_stage_model(cfg, stage, init_checkpoint).to(device)
-    # channels_last pays on CPU (oneDNN) as well as CUDA: ~1.6-2x per training step, measured here
+    # channels_last pays on CPU (oneDNN) as well as CUDA (training-step speed-ups: docs/performance.md)
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, stage_cfg.lr)
     steps_per_epoch = max(1, _count_steps(cfg, _epoch_wafers(cfg, train_set, seed), stage_cfg.batch_size, info))

@@ -22,7 +22,8 @@ import pyarrow as pa
 from fcn_core.config import SplitConfig
 from fcn_core.ingest import assign_splits
 from fcn_core.table import FAIL, die_maps
-from fcn_core.verdicts import NONE, UNLABELLED, map_dataset_label
+from fcn_core.stages import NO_PATTERN
+from fcn_core.verdicts import UNLABELLED, map_dataset_label
 
 
 @dataclass
@@ -58,7 +59,7 @@ def weak_label_table(
     class_id = {name: i for i, name in enumerate(class_names)}
     labels = table.column("wafer_label").to_pylist()
     mapped = [map_dataset_label(x) for x in labels]
-    unknown = sorted({m for m in mapped if m is not None and m != NONE and m not in class_id})
+    unknown = sorted({m for m in mapped if m is not None and m != NO_PATTERN and m not in class_id})
     if unknown:
         raise ValueError(f"dataset labels map to {unknown}, which are not configured classes {list(class_names)}")
     report = WeakLabelReport()
@@ -79,7 +80,7 @@ def weak_label_table(
     kept = table.take(pa.array(keep, pa.int64()))
     weak = []
     for die, m in zip(die_maps(kept), (mapped[i] for i in keep)):
-        value = 0 if m == NONE else class_id[m]
+        value = 0 if m == NO_PATTERN else class_id[m]
         weak.append(np.where(die == FAIL, value, 0).astype(np.uint8).tobytes())
     column = kept.schema.get_field_index("label_map")
     kept = kept.set_column(column, kept.schema.field(column), pa.array(weak, pa.binary()))

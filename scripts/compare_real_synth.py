@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/compare_real_synth.py [--real PARQUET] [--out PNG] [--stats]
 
+The real maps default to wm811k-val.parquet in the real-data folder ($WAFER_FCN_REAL_DATA, else
+../shared/data beside the checkout; fcn_core.settings).
+
 Writes docs/img/real_vs_synth.png: for every WM-811K failure type, real maps (left) beside
 synthetic maps of the matching generator pattern (right), then histograms of grid size and aspect
 (default generator mix against all real maps) and fail density per failure type. Real failure
@@ -24,10 +27,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from fcn_core.config import SynthConfig  # noqa: E402
+from fcn_core.settings import REAL_VALIDATION_MAPS, settings  # noqa: E402
 from fcn_core.synth import PATTERN_KINDS, generate_wafers  # noqa: E402
 from fcn_core.table import FAIL, die_maps, read_parquet  # noqa: E402
 
-REAL = Path("/work/shared/data/wm811k-val.parquet")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "real_vs_synth.png"
 DIE_COLOURS = ListedColormap(["white", "#8cc084", "#202020"])  # no die, pass, fail
 
@@ -75,15 +78,18 @@ def show(ax: plt.Axes, m: np.ndarray, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real", type=Path, default=REAL)
+    ap.add_argument("--real", type=Path, default=None,
+                    help=f"real wafer table (default: {REAL_VALIDATION_MAPS} in the real-data folder)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--per-label", type=int, default=4, help="maps per side and label")
     ap.add_argument("--n-synth", type=int, default=6000, help="synthetic wafers for the histograms")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--stats", action="store_true", help="print the statistics as Markdown")
     args = ap.parse_args()
-    if not args.real.exists():
-        raise SystemExit(f"{args.real}: real WM-811K maps not found (see /work/shared/data/README.md)")
+    args.real = args.real or settings().real_maps()
+    if args.real is None or not args.real.exists():
+        where = args.real or f"{REAL_VALIDATION_MAPS} in {settings().real_data_dir() or 'no real-data folder'}"
+        raise SystemExit(f"real WM-811K maps not found: {where} (set WAFER_FCN_REAL_DATA to their folder, or pass --real)")
 
     real = read_parquet(args.real)
     real_labels = np.array(real.column("wafer_label").to_pylist())

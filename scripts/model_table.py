@@ -3,7 +3,7 @@
     .venv/bin/python scripts/model_table.py                 # counts only (instant: meta tensors)
     .venv/bin/python scripts/model_table.py --time --train --presets compact  # + measured CPU times
 
-GFLOPs = 2 x multiply-accumulates of every conv and transposed conv for one map of --size.
+GFLOPs: torch.utils.flop_counter.FlopCounterMode for one map of --size (a multiply-add is 2 FLOPs).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from fcn_core.models import GEOMETRIES, MODEL_NAMES, PRESETS, build_fcn, count_parameters, forward_gflops
+from fcn_core.models import GEOMETRIES, PRESETS, build_fcn, count_parameters, forward_gflops
+from fcn_core.stages import STAGES, stage_title
 
 
 def best_seconds(fn, repeat: int) -> float:
@@ -74,10 +75,10 @@ def main() -> None:
     print("| " + " | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + " |")
     for preset in args.presets:
         for geometry in args.geometries:
-            for name in MODEL_NAMES:
+            for name in STAGES:
                 with torch.device("meta"):  # shapes only: the vgg16 table costs nothing
                     model = build_fcn(name, n_classes=args.classes, preset=preset, geometry=geometry)
-                row = [name, preset, geometry, f"{count_parameters(model):,}",
+                row = [stage_title(name), preset, geometry, f"{count_parameters(model):,}",
                        f"{forward_gflops(model, args.size, args.size):.3f}"]
                 if args.time:
                     fwd, train = time_model(name, preset, geometry, n_classes=args.classes, size=args.size,

@@ -56,3 +56,26 @@ def wafer_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("WAFER_FCN_HOME", str(home))
     return home
+
+
+def require_real_maps(name: str = "wm811k-val.parquet") -> Path:
+    """The real labelled maps ``name`` from the real-data folder (fcn_core.settings). Missing, a test
+    that needs them skips on a developer's machine but FAILS in CI ($CI=true): there a skip would
+    hide that the real-map checks never ran."""
+    from fcn_core.settings import settings
+
+    path = settings().real_maps(name)
+    if path is None:
+        folder = settings().real_data_dir()
+        message = (f"real maps {name} not found in {folder or 'any real-data folder'}: set WAFER_FCN_REAL_DATA "
+                   "to the folder that holds them (default ../shared/data beside the checkout)")
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_maps() -> Path:
+    """The real WM-811K validation maps (wm811k-val.parquet); see ``require_real_maps``."""
+    return require_real_maps()

@@ -9,7 +9,7 @@ from fcn_core.checkpoint import load_checkpoint, load_model
 from fcn_core.config import load_config
 from fcn_core.data import WaferSet
 from fcn_core.synth import generate_wafers
-from fcn_core.train import STAGES, build_stage_model, stages_to_train, train_all_stages, train_stage
+from fcn_core.train import STAGES, build_stage_model, make_optimizer, stages_to_train, train_all_stages, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,40 @@ def test_grad_clip_norm_bounds_the_step(sets, tmp_path):
     clipped = _first_step_change(sets, tmp_path / "clipped", grad_clip_norm=0.01)
     assert free > 0.1                            # the unclipped gradient is far longer than the clip
     assert clipped == pytest.approx(0.01, rel=1e-3)  # so the step is exactly the clip's length
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_weight_decay_shrinks_kernels_only(optimizer):
+    """With zero gradients a step is pure weight decay: kernels (ndim >= 2) shrink by lr * decay, while
+    biases and BatchNorm scales and shifts stay exactly as they were."""
+    cfg = load_config("tiny", {"model.batch_norm": True, "train.optimizer": optimizer, "train.momentum": 0.0,
+                               "train.weight_decay": 0.1})
+    torch.manual_seed(0)
+    model = build_stage_model(cfg, "fcn8s", None)
+    with torch.no_grad():  # BatchNorm starts at scale 1, shift 0: make them non-trivial to see any decay
+        for p in model.parameters():
+            if p.ndim < 2:
+                p.uniform_(0.5, 1.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer_ = make_optimizer(cfg, model, lr=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_.step()
+    after = dict(model.named_parameters())
+    scales = [n for n in before if n.startswith("bn") and n.endswith(".weight")]
+    assert scales and all(torch.equal(after[n], before[n]) for n in scales)
+    assert all(torch.equal(after[n], before[n]) for n in before if n.endswith("bias"))
+    kernels = [n for n in before if before[n].ndim >= 2]
+    assert {n.rsplit(".", 1)[0] for n in kernels} >= {"conv1_1", "fc6", "score_fr", "upscore2"}
+    for n in kernels:  # decoupled (AdamW) and coupled (SGD) decay agree on a zero gradient: p *= 1 - lr * wd
+        torch.testing.assert_close(after[n], before[n] * (1 - 0.5 * 0.1))
+
+
+def test_weight_decay_groups_without_batch_norm_are_the_biases():
+    """Without BatchNorm (the demo's model) the rank rule leaves exactly the biases undecayed."""
+    cfg = load_config("tiny")
+    model = build_stage_model(cfg, "fcn1s", None)
+    groups = make_optimizer(cfg, model, lr=1e-3).param_groups
+    undecayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert undecayed == {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, cfg.train.weight_decay]

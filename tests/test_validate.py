@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from fcn_core.table import WAFER_SCHEMA, WaferTableError, make_table
 from fcn_core.validate import REASONS, validate_table
 
 N_CLASSES = 5
-REAL = Path("/work/shared/data/wm811k-val.parquet")
 
 
 def _wafer(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,13 +247,9 @@ def test_sliced_chunked_input():
     assert result.valid.num_rows == 7 + 4
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="real WM-811K sample not present")
-def test_real_wm811k_maps_are_all_valid_and_fast():
-    table = pq.read_table(REAL)
-    validate_table(table.slice(0, 10), n_classes=N_CLASSES)  # warm-up
-    t0 = time.perf_counter()
+def test_real_wm811k_maps_are_all_valid(real_maps: Path):
+    """Every real map passes the contract (its speed is measured by bench, not asserted here)."""
+    table = pq.read_table(real_maps)
     result = validate_table(table, n_classes=N_CLASSES)
-    elapsed = time.perf_counter() - t0
     assert result.valid.num_rows == table.num_rows == 12_450
     assert result.counts == {}
-    assert elapsed < 1.0, f"validation took {elapsed:.2f} s"
