@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from fcn_core.atomic import write_bytes_atomic
 from fcn_core.config import REPO_ROOT, Config
 
 WORK_POOL = "wafer-fcn-pool"
@@ -383,9 +384,7 @@ def _read_state(stack: Path) -> dict:
 
 
 def _write_state(stack: Path, state: dict) -> None:
-    tmp = stack / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, stack / STATE_FILE)
+    write_bytes_atomic(stack / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
 if __name__ == "__main__":
