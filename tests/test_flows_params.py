@@ -80,3 +80,16 @@ def test_allowed_overrides_parses_the_environment():
     assert allowed_overrides({ALLOWED_OVERRIDES_ENV: " home,, tracking.tracking_uri "}) == {
         "home", "tracking.tracking_uri"}
     assert allowed_overrides({}) == set()
+
+
+def test_a_flow_called_in_process_is_not_a_deployment_run(prefect_harness, monkeypatch):
+    """Inside a real (non-deployment) flow run the check asks the API and finds no deployment."""
+    from prefect import flow
+
+    monkeypatch.delenv(DEPLOYMENT_ENV, raising=False)
+
+    @flow
+    def probe() -> bool:
+        return started_through_api()
+
+    assert probe() is False
