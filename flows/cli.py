@@ -146,7 +146,10 @@ def synth(
         chunks = generator.iter_wafer_chunks(n, SYNTH_CHUNK, seed=seed, synth=cfg.data.synth, classes=cfg.classes)
         with _progress() as progress:
             task = progress.add_task("generating wafers", total=n)
-            path = write_parquet_chunks_atomic(_advancing(chunks, progress, task), out)
+            try:
+                path = write_parquet_chunks_atomic(_advancing(chunks, progress, task), out)
+            except (WaferTableError, OSError) as exc:
+                fail(f"cannot write {out}: {exc}")
     else:
         with console.status(f"generating {n:,} wafers"):
             table = generator.generate_wafers(n, seed=seed, synth=cfg.data.synth, classes=cfg.classes)
@@ -214,7 +217,8 @@ def validate(
     from fcn_core.validate import REASONS, validate_table
 
     cfg = command_config(ctx, config, overrides)
-    outputs = [prepare_output(join_path(out_dir, name), inputs=source) for name in ("valid.parquet", "quarantine.parquet")]
+    outputs = [prepare_output(join_path(out_dir, name), inputs=source)
+               for name in ("valid.parquet", "quarantine.parquet")]
     table = read_wafer_table(source)
     try:
         result = validate_table(table, n_classes=cfg.n_classes)

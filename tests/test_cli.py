@@ -269,7 +269,8 @@ def test_an_output_folder_is_one_line_and_leaves_no_temporary_file(tmp_path, com
     (tmp_path / "out").mkdir()
     args = ("predict", src, tmp_path / "out") if command == "predict" else ("synth", tmp_path / "out", "--n", 2)
     assert_clean_error(run(*args), contains="is a folder")
-    assert list((tmp_path / "out").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out"]
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out"]
 
 
 def test_validate_refuses_to_overwrite_its_input(tmp_path):
