@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,9 +23,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fcn_core.atomic import clean_stale_temps, temp_path, write_bytes_atomic
 from fcn_core.config import SplitConfig
 from fcn_core.table import WAFER_SCHEMA, WaferTableError, list_parquet_files, resolve_fs, write_parquet_atomic
 from fcn_core.validate import validate_table
@@ -120,6 +121,8 @@ class _Store:
     def __init__(self, root: str, *, now: datetime, n_classes: int, split: SplitConfig) -> None:
         self.root, self.now, self.n_classes, self.split = root, now, n_classes, split
         self.fs, self.path = resolve_fs(root)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            _clean_temps(self.path)  # left by a writer killed mid-file
         self.manifest = _read_manifest(self.fs, self.path)
         self.known, self.ids_by_hash, self.parts_by_hash = _store_index(self.fs, self.path)
         self.written: set[str] = set()
@@ -132,7 +135,7 @@ class _Store:
             report.files_failed[name] = f"cannot read file ({exc})"
             return
         digest = hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
-        if digest in self.manifest["sources"]:
+        if self._done(digest):
             report.files_skipped.append(name)
             return
         try:
@@ -171,6 +174,12 @@ class _Store:
         for reason, k in result.counts.items():
             report.counts[reason] = report.counts.get(reason, 0) + k
 
+    def _done(self, digest: str) -> bool:
+        """In the manifest with every part file still there (a deleted, corrupt part is re-done)."""
+        entry = self.manifest["sources"].get(digest)
+        return entry is not None and all(
+            self.fs.get_file_info(f"{self.path}/{part}").type == pafs.FileType.File for part in entry.get("parts", []))
+
     def _write_parts(self, valid: pa.Table, digest: str) -> list[str]:
         """One part file per capture date; returns their paths relative to the root."""
         dates = _partition_dates(valid, self.now)
@@ -205,16 +214,18 @@ def read_curated(
     wanted = _partitions(fs, root)
     if dates is not None:
         wanted = [d for d in wanted if d in {str(x) for x in dates}]
-    tables = []
-    for day in wanted:
-        for path in _part_files(fs, f"{root}/{_PARTITION_PREFIX}{day}"):
-            t = pq.read_table(path, filesystem=fs).select(CURATED_SCHEMA.names).cast(CURATED_SCHEMA)
-            if splits is not None:
-                t = t.filter(pc.is_in(t.column("split"), pa.array(list(splits), pa.string())))
-            tables.append(t.append_column(READ_SCHEMA.field("date"), pa.array([day] * t.num_rows, pa.string())))
-    if not tables:
+    files = [path for day in wanted for path in _part_files(fs, f"{root}/{_PARTITION_PREFIX}{day}")]
+    if not files:
         return READ_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    # Files listed explicitly (sorted by date, then part): the same rows in the same order every read.
+    dataset = ds.dataset(files, schema=READ_SCHEMA, format="parquet", filesystem=fs, partition_base_dir=root,
+                         partitioning=ds.partitioning(pa.schema([READ_SCHEMA.field("date")]), flavor="hive"))
+    where = None if splits is None else pc.field("split").isin(list(splits))
+    try:
+        table = dataset.to_table(filter=where)
+    except (pa.ArrowException, OSError) as exc:
+        raise WaferTableError(_unreadable_part(fs, files, exc)) from exc
+    return table.cast(READ_SCHEMA)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -267,7 +278,10 @@ def _store_index(fs: pafs.FileSystem, root: str) -> tuple[set[str], dict[str, se
     for day in _partitions(fs, root):
         for path in _part_files(fs, f"{root}/{_PARTITION_PREFIX}{day}"):
             digest = path.rsplit("/", 1)[1][len("part-"):-len(".parquet")]
-            ids = set(pq.read_table(path, filesystem=fs, columns=["wafer_id"]).column(0).to_pylist())
+            try:
+                ids = set(pq.read_table(path, filesystem=fs, columns=["wafer_id"]).column(0).to_pylist())
+            except (pa.ArrowException, OSError) as exc:
+                raise WaferTableError(corrupt_part_message(path, exc)) from exc
             known |= ids
             ids_by_hash.setdefault(digest, set()).update(ids)
             parts_by_hash.setdefault(digest, []).append(f"{_PARTITION_PREFIX}{day}/part-{digest}.parquet")
@@ -279,15 +293,56 @@ def _read_manifest(fs: pafs.FileSystem, root: str) -> dict:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return {"version": 1, "sources": {}}
     with fs.open_input_stream(path) as f:
-        manifest = json.loads(f.read().decode())
-    if not isinstance(manifest.get("sources"), dict):
-        raise WaferTableError(f"{path}: not a wafer-fcn ingest manifest")
+        text = f.read()
+    try:
+        manifest = json.loads(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WaferTableError(f"{path}: corrupt ingest manifest ({exc}); move it away and ingest the drops again "
+                              "(curated parts are rewritten in place, not duplicated)") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
+        raise WaferTableError(f"{path}: not a wafer-fcn ingest manifest; move it away and ingest the drops again "
+                              "(curated parts are rewritten in place, not duplicated)")
     return manifest
 
 
+def _clean_temps(root: str) -> None:
+    for folder in [root, f"{root}/{QUARANTINE_DIR}",
+                   *(e.path for e in os.scandir(root) if e.is_dir() and e.name.startswith(_PARTITION_PREFIX))
+                   ] if os.path.isdir(root) else []:
+        clean_stale_temps(folder)
+
+
+def _unreadable_part(fs: pafs.FileSystem, files: list[str], exc: Exception) -> str:
+    """Name the part file that cannot be read (the dataset error may not say which)."""
+    for path in files:
+        try:
+            pq.ParquetFile(path, filesystem=fs).metadata  # noqa: B018 - reading the footer is the check
+        except (pa.ArrowException, OSError) as bad:
+            return corrupt_part_message(path, bad)
+    return f"curated store: cannot read its part files ({_first_line(exc)})"
+
+
+def corrupt_part_message(path: str, exc: BaseException) -> str:
+    return (f"{path}: truncated or corrupt curated part file ({_first_line(exc)}); delete it and ingest its "
+            "source drop again (the manifest entry is then re-done)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _write_manifest(fs: pafs.FileSystem, root: str, manifest: dict) -> None:
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_bytes_atomic(f"{root}/{MANIFEST_NAME}", data)
+        return
     fs.create_dir(root, recursive=True)
-    tmp = f"{root}/.tmp-{uuid.uuid4().hex}.json"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
-    fs.move(tmp, f"{root}/{MANIFEST_NAME}")
+    tmp = f"{root}/{temp_path(MANIFEST_NAME).name}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, f"{root}/{MANIFEST_NAME}")
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise

@@ -8,7 +8,6 @@ stage of the pipeline touches files the same way.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from fcn_core.atomic import atomic_write, temp_path
 
 # die_map values
 NO_DIE, PASS, FAIL = 0, 1, 2
@@ -134,22 +135,72 @@ def read_parquet(source: str | os.PathLike) -> pa.Table:
         try:
             tables.append(pq.read_table(f, filesystem=fs))
         except Exception as exc:  # pyarrow raises several types for corrupt or non-Parquet files
-            raise WaferTableError(f"{f}: not a readable Parquet file ({exc})") from exc
+            raise WaferTableError(_unreadable(f, exc)) from exc
     try:
         return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as exc:
         raise WaferTableError(f"{source}: files have incompatible schemas ({exc})") from exc
 
 
+def _unreadable(path: str, exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    parent, _, name = path.rpartition("/")
+    if parent.rpartition("/")[2].startswith("date=") and name.startswith("part-"):  # a curated store's part
+        return (f"{path}: truncated or corrupt curated part file ({first}); delete it and ingest its source "
+                "drop again (the manifest entry is then re-done)")
+    return f"{path}: not a readable Parquet file ({first})"
+
+
 def write_parquet_atomic(table: pa.Table, dest: str | os.PathLike) -> str:
     """Write to a temporary name beside ``dest`` then rename, so readers never see half a file."""
+    return write_parquet_chunks_atomic([table], dest, schema=table.schema)
+
+
+def write_parquet_chunks_atomic(chunks: Iterable[pa.Table], dest: str | os.PathLike, *,
+                                schema: pa.Schema | None = None) -> str:
+    """Stream tables into one Parquet file under a temporary name, then rename it into place.
+
+    ``schema``: of the file (default: the first chunk's; later chunks are cast to it). With no
+    chunks and no schema there is nothing to write: ValueError. Local paths go through
+    ``fcn_core.atomic.atomic_write`` (fsync, rename); other filesystems write a temporary object
+    and move it. A handled error leaves no temporary file.
+    """
     fs, path = resolve_fs(dest)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            with atomic_write(path) as tmp:
+                _write_chunks(chunks, str(tmp), pafs.LocalFileSystem(), schema)
+        except IsADirectoryError as exc:
+            raise WaferTableError(f"{dest}: is a folder; give a file name for the output") from exc
+        return path
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, path)
+    tmp = f"{parent}/{temp_path(path.rsplit('/', 1)[1]).name}"
+    try:
+        _write_chunks(chunks, tmp, fs, schema)
+        fs.move(tmp, path)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
     return path
+
+
+def _write_chunks(chunks: Iterable[pa.Table], path: str, fs: pafs.FileSystem, schema: pa.Schema | None) -> None:
+    writer = None
+    with fs.open_output_stream(path) as sink:
+        try:
+            for chunk in chunks:
+                if writer is None:
+                    writer = pq.ParquetWriter(sink, schema or chunk.schema, compression="zstd")
+                writer.write_table(chunk.cast(writer.schema))
+            if writer is None:
+                if schema is None:
+                    raise ValueError("nothing to write: no tables and no schema")
+                writer = pq.ParquetWriter(sink, schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def concat(tables: Iterable[pa.Table]) -> pa.Table:

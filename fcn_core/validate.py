@@ -31,7 +31,10 @@ REASONS: tuple[str, ...] = (
     "label_map_values",  # a label id >= n_classes
     "label_on_non_fail_die",  # a non-zero label on a no-die or pass die
     "captured_at_invalid",  # captured_at not castable to timestamp[us, UTC]
+    "captured_at_out_of_range",  # captured_at outside the years CAPTURED_YEARS (a unit or typing error)
 )
+# Plausible capture years: anything else (0001, 9999, 1970 from a mis-scaled epoch) is a data error.
+CAPTURED_YEARS = (1990, 2100)
 REQUIRED_COLUMNS: tuple[str, ...] = ("wafer_id", "height", "width", "die_map")
 REASON_COLUMN = "reason"
 _CAPTURED_AT_TYPE = WAFER_SCHEMA.field("captured_at").type
@@ -108,7 +111,11 @@ def validate_table(table: pa.Table, *, n_classes: int, known_ids: set[str] | Non
         flag("label_on_non_fail_die", _labels_off_fail_dies(die, label, both))
 
     if "captured_at" in table.column_names:
-        flag("captured_at_invalid", _bad_timestamps(table.column("captured_at")))
+        captured = table.column("captured_at")
+        _require_time_type(captured)
+        bad_time = _bad_timestamps(captured)
+        flag("captured_at_invalid", bad_time)
+        flag("captured_at_out_of_range", _implausible_years(captured, bad_time))
 
     good = reason < 0
     valid = _as_wafer_schema(table.filter(pa.array(good)))
@@ -243,6 +250,26 @@ def _bad_timestamps(column: pa.ChunkedArray) -> np.ndarray:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             bad[i] = True
     return bad
+
+
+def _require_time_type(column: pa.ChunkedArray) -> None:
+    """Numbers are refused: an integer epoch does not say its unit (seconds read as microseconds
+    would file every wafer under 1970). An all-null numeric column is just absent times."""
+    numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_decimal(column.type)
+    if numeric and column.null_count < len(column):
+        raise WaferTableError(f"not a wafer table: column 'captured_at' has type {column.type}; give a timestamp "
+                              "type with its unit and time zone (e.g. timestamp[us, UTC]) or ISO-8601 strings "
+                              "with an offset, not epoch numbers")
+
+
+def _implausible_years(column: pa.ChunkedArray, unreadable: np.ndarray) -> np.ndarray:
+    """Readable, non-null times whose UTC year is outside CAPTURED_YEARS."""
+    values = column.combine_chunks()
+    readable = pa.array(~unreadable & np.asarray(values.is_valid()))
+    years = pc.year(values.filter(readable).cast(_CAPTURED_AT_TYPE)).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(values), dtype=bool)
+    out[np.flatnonzero(np.asarray(readable))] = (years < CAPTURED_YEARS[0]) | (years > CAPTURED_YEARS[1])
+    return out
 
 
 def _as_wafer_schema(good: pa.Table) -> pa.Table:

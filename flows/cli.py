@@ -13,7 +13,6 @@ Heavy modules (synth, torch-based code) are imported inside the commands so ``--
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +21,17 @@ from typing import Annotated, NoReturn
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fcn_core.atomic import clean_stale_temps
 from fcn_core.config import Config, load_config
-from fcn_core.table import WaferTableError, read_parquet, resolve_fs, write_parquet_atomic
+from fcn_core.table import (
+    WaferTableError, read_parquet, resolve_fs, write_parquet_atomic, write_parquet_chunks_atomic,
+)
 
 app = typer.Typer(
     help="wafer-fcn: per-die defect-pattern segmentation of wafer maps with FCNs.",
@@ -133,6 +134,7 @@ def synth(
     The generator's knobs (sizes, lots, nights, pattern mix) come from the config's data.synth.
     """
     cfg = command_config(ctx, config, overrides)
+    prepare_output(out)
     try:
         from fcn_core import synth as generator
     except ImportError as exc:
@@ -144,11 +146,14 @@ def synth(
         chunks = generator.iter_wafer_chunks(n, SYNTH_CHUNK, seed=seed, synth=cfg.data.synth, classes=cfg.classes)
         with _progress() as progress:
             task = progress.add_task("generating wafers", total=n)
-            path = write_chunks_atomic(_advancing(chunks, progress, task), out)
+            try:
+                path = write_parquet_chunks_atomic(_advancing(chunks, progress, task), out)
+            except (WaferTableError, OSError) as exc:
+                fail(f"cannot write {out}: {exc}")
     else:
         with console.status(f"generating {n:,} wafers"):
             table = generator.generate_wafers(n, seed=seed, synth=cfg.data.synth, classes=cfg.classes)
-            path = write_parquet_atomic(table, out)
+            path = write_output(table, out)
     console.print(f"wrote {n:,} wafers to {path}")
 
 
@@ -163,28 +168,33 @@ def _advancing(chunks: Iterable[pa.Table], progress: Progress, task) -> Iterator
         progress.advance(task, chunk.num_rows)
 
 
-def write_chunks_atomic(chunks: Iterable[pa.Table], dest: str | os.PathLike) -> str:
-    """Stream tables into one Parquet file under a temporary name, then rename it into place."""
+def prepare_output(dest: str | os.PathLike, *, inputs: str | os.PathLike | None = None) -> str:
+    """Check a local output path before any work: not a folder, not (inside) the input; then clear
+    temporary files that a killed earlier run left beside it. Returns ``dest`` as given."""
     fs, path = resolve_fs(dest)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.parquet"
-    writer = None
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return str(dest)
+    out = Path(path)
+    if out.is_dir():
+        fail(f"{dest}: is a folder; give a file name for the output (e.g. {join_path(dest, out.name + '.parquet')})")
+    if inputs is not None:
+        in_fs, in_path = resolve_fs(inputs)
+        if isinstance(in_fs, pafs.LocalFileSystem) and Path(in_path).exists():
+            source, resolved = Path(in_path).resolve(), out.resolve()
+            if source.is_dir() and source in resolved.parents:
+                fail(f"{dest}: is inside the input folder {inputs}; write the output somewhere else")
+            if out.exists() and os.path.samefile(out, source):
+                fail(f"{dest}: is the input file {inputs} (links resolved); write the output to another file")
+    clean_stale_temps(out.parent)
+    return str(dest)
+
+
+def write_output(table: pa.Table, dest: str | os.PathLike) -> str:
+    """``write_parquet_atomic`` with the one-line error of the CLI (e.g. a folder appeared meanwhile)."""
     try:
-        with fs.open_output_stream(tmp) as sink:
-            for chunk in chunks:
-                if writer is None:
-                    writer = pq.ParquetWriter(sink, chunk.schema, compression="zstd")
-                writer.write_table(chunk.cast(writer.schema))
-            if writer is None:
-                raise ValueError("no wafers generated")
-            writer.close()
-    except BaseException:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
-        raise
-    fs.move(tmp, path)
-    return path
+        return write_parquet_atomic(table, dest)
+    except (WaferTableError, OSError) as exc:
+        fail(f"cannot write {dest}: {exc}")
 
 
 # -- validate --------------------------------------------------------------------------------------
@@ -207,13 +217,15 @@ def validate(
     from fcn_core.validate import REASONS, validate_table
 
     cfg = command_config(ctx, config, overrides)
+    outputs = [prepare_output(join_path(out_dir, name), inputs=source)
+               for name in ("valid.parquet", "quarantine.parquet")]
     table = read_wafer_table(source)
     try:
         result = validate_table(table, n_classes=cfg.n_classes)
     except WaferTableError as exc:
         fail(f"{source}: {exc}")
-    write_parquet_atomic(result.valid, join_path(out_dir, "valid.parquet"))
-    write_parquet_atomic(result.quarantine, join_path(out_dir, "quarantine.parquet"))
+    write_output(result.valid, outputs[0])
+    write_output(result.quarantine, outputs[1])
     console.print(counts_table("quarantined rows per rule", result.counts, every=REASONS))
     console.print(f"valid {result.n_valid:,}  quarantined {result.n_quarantined:,}  ->  {out_dir}")
 
@@ -385,6 +397,7 @@ def predict(
     from tracking.store import StoreError
 
     cfg = command_config(ctx, config, overrides)
+    prepare_output(dest, inputs=source)  # before any work: never overwrite the input, never a folder
     table = read_wafer_table(source)
     try:
         result = validate_table(table, n_classes=cfg.n_classes)
@@ -404,7 +417,7 @@ def predict(
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
         scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
                              batch_size=batch_size, device=dev, num_threads=threads)
-    write_parquet_atomic(scored, dest)
+    write_output(scored, dest)
     patterns = scored.column("dominant_pattern").value_counts().to_pylist()
     console.print(_pattern_table(patterns))
     console.print(f"scored {scored.num_rows:,} wafers ({result.n_quarantined:,} invalid) with {name} v{version} "

@@ -1,8 +1,16 @@
 """Typed flow parameters. Prefect turns these pydantic models into the deployments' parameter
-schemas, so the server rejects a bad run request before any worker picks it up."""
+schemas, so the server rejects a bad run request before any worker picks it up.
+
+A run started through the Prefect API (a deployment run) must not move where models come from or
+where state lives: its guarded parameters (``GUARDED``) are refused unless the worker's
+environment allow-lists them in ``WAFER_FCN_ALLOWED_OVERRIDES`` (docs/orchestration.md, Security).
+Calling a flow function in-process (the CLI, tests) is the local user and is not restricted.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fcn_core.config import Config, load_config
 
 Override = str | int | float | bool | None | list | dict
+
+ALLOWED_OVERRIDES_ENV = "WAFER_FCN_ALLOWED_OVERRIDES"
+# Config keys (and their sub-keys) that decide where models are loaded from, where state lives and
+# which data elects the champion; run parameters that do the same; "config" stands for a YAML path.
+GUARDED_KEYS: tuple[str, ...] = ("home", "tracking", "eval.real_data")
+GUARDED_FIELDS: tuple[str, ...] = ("curated_root", "dask_address")
+GUARDED = (*GUARDED_KEYS, *GUARDED_FIELDS, "config")
+
+
+class OverrideNotAllowed(ValueError):
+    """A run started through the API tried to change a guarded parameter."""
 
 
 class ConfigParams(BaseModel):
@@ -24,8 +43,53 @@ class ConfigParams(BaseModel):
     )
 
     def load(self) -> Config:
-        """The validated config; a bad name or override fails the run here, with pydantic's message."""
+        """The validated config; a bad name or override fails the run here, with pydantic's message.
+
+        In a run started through the Prefect API, guarded parameters must be allow-listed first.
+        """
+        if started_through_api():
+            check_allowed(self, allowed_overrides())
         return load_config(self.config, self.overrides or None)
+
+    def guarded_changes(self) -> list[str]:
+        """The guarded names this request sets (override keys, run parameters, a config path)."""
+        keys = (self.overrides.keys() if isinstance(self.overrides, dict)
+                else (item.split("=", 1)[0] for item in self.overrides))
+        changed = [k.strip() for k in keys if _touches(k.strip(), GUARDED_KEYS)]
+        changed += [name for name in GUARDED_FIELDS if getattr(self, name, None) is not None]
+        if "/" in self.config or Path(self.config).suffix in {".yaml", ".yml"}:
+            changed.append("config")
+        return changed
+
+
+def _touches(key: str, guarded: tuple[str, ...]) -> bool:
+    """Does setting ``key`` set a guarded key, one below it, or a section holding one?"""
+    return any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in guarded)
+
+
+def allowed_overrides(environ: dict[str, str] | None = None) -> set[str]:
+    """The worker's allow-list: comma-separated names from GUARDED or their sub-keys; '*' allows all."""
+    text = (os.environ if environ is None else environ).get(ALLOWED_OVERRIDES_ENV, "")
+    return {item.strip() for item in text.split(",") if item.strip()}
+
+
+def check_allowed(params: ConfigParams, allowed: set[str]) -> None:
+    if "*" in allowed:
+        return
+    refused = [name for name in params.guarded_changes()
+               if not any(name == a or name.startswith(a + ".") for a in allowed)]
+    if refused:
+        raise OverrideNotAllowed(
+            f"run parameter(s) {', '.join(refused)} may change where models are loaded from or where state "
+            f"lives; a run started through the API may set them only when the worker allows it "
+            f"({ALLOWED_OVERRIDES_ENV}={','.join(refused)})")
+
+
+def started_through_api() -> bool:
+    """Is this flow run a deployment run (created through the Prefect API, executed by a worker)?"""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
 
 
 class TrainParams(ConfigParams):

@@ -5,6 +5,12 @@ it started, by the PIDs saved under ``<home>/stack/`` (worker first, server last
 never loses its API mid-run). Both are idempotent. Everything listens on loopback only. The
 Prefect server keeps its database in ``<home>/prefect`` (not ``~/.prefect``), so a project home
 is self-contained and ``rm -rf var`` resets it.
+
+The Prefect server is Prefect's own app (``create_app``, as ``prefect server start`` runs it) with
+two restrictions a browser cannot get around: CORS allows only the UI's own origin, and a
+request whose Host header is not the server's own name is refused (no DNS rebinding). Run it
+alone with ``python -m flows.stack prefect-server --host H --port P``. See docs/orchestration.md
+(Security) for what a team deployment must add.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from fcn_core.atomic import write_bytes_atomic
 from fcn_core.config import REPO_ROOT, Config
 
 WORK_POOL = "wafer-fcn-pool"
@@ -28,6 +35,9 @@ DEFAULT_PREFECT_PORT = 4200
 STATE_FILE = "stack.json"
 # name -> a word its command line must contain (a recycled PID must never be signalled)
 COMPONENTS = {"worker": "worker", "mlflow": "mlflow", "server": "server"}
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# Extra Host names (comma-separated) the Prefect server answers to, e.g. behind a proxy.
+ALLOWED_HOSTS_ENV = "WAFER_FCN_STACK_ALLOWED_HOSTS"
 STOP_ORDER = ("worker", "mlflow", "server")
 
 Echo = Callable[[str], None]
@@ -168,6 +178,48 @@ def _prefect(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
+# -- the Prefect server, restricted -------------------------------------------------------------------
+def allowed_hosts(host: str, environ: dict[str, str] | None = None) -> list[str]:
+    """Host header names the server answers to: its own address (all loopback names when it is
+    loopback) plus ``WAFER_FCN_STACK_ALLOWED_HOSTS``."""
+    names = list(LOOPBACK_NAMES) if host in LOOPBACK_NAMES else [host]
+    extra = (os.environ if environ is None else environ).get(ALLOWED_HOSTS_ENV, "")
+    names += [n.strip() for n in extra.split(",") if n.strip()]
+    return list(dict.fromkeys(names))
+
+
+def ui_origins(host: str, port: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The origins the UI is served from: the only ones CORS lets call the API from a browser."""
+    return [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in allowed_hosts(host, environ)]
+
+
+def server_env(env: dict[str, str], *, host: str, port: int) -> dict[str, str]:
+    """The Prefect server's settings on top of ``stack_env``: CORS limited to the UI's origins."""
+    return {**env, "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(ui_origins(host, port, env)),
+            "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+
+
+def server_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "flows.stack", "prefect-server", "--host", host, "--port", str(port)]
+
+
+def server_app(host: str):
+    """Prefect's server app (API, UI, services) behind a Host check; CORS comes from its settings."""
+    from prefect.server.api.server import create_app
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    return TrustedHostMiddleware(create_app(final=True), allowed_hosts=allowed_hosts(host), www_redirect=False)
+
+
+def serve_prefect(host: str, port: int) -> None:
+    """What ``prefect server start`` does in the foreground with one worker, plus the Host check."""
+    import prefect.settings
+    import uvicorn
+
+    uvicorn.run(server_app(host), host=host, port=port, log_level="info",
+                timeout_keep_alive=prefect.settings.PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value())
+
+
 # -- up / down ---------------------------------------------------------------------------------------
 def stack_up(
     *,
@@ -212,9 +264,8 @@ def _up(*, home: Path, stack: Path, host: str, port: int | None, mlflow_port: in
             _stop(stack, "server", echo)
         server_port = _pick_port(host, port, DEFAULT_PREFECT_PORT, "Prefect server", echo)
         api = f"http://{host}:{server_port}/api"
-        env = stack_env(home=home, api_url=api)
-        server = _spawn(stack, "server", _prefect("server", "start", "--host", host, "--port", str(server_port),
-                                                  "--analytics-off"), env)
+        env = server_env(stack_env(home=home, api_url=api), host=host, port=server_port)
+        server = _spawn(stack, "server", server_command(host, server_port), env)
         started.append("server")
         _wait_http(f"{api}/health", proc=server, name="server", stack=stack, timeout=timeout)
         echo(f"Prefect server up (pid {server.pid}): {api.removesuffix('/api')}")
@@ -333,6 +384,16 @@ def _read_state(stack: Path) -> dict:
 
 
 def _write_state(stack: Path, state: dict) -> None:
-    tmp = stack / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, stack / STATE_FILE)
+    write_bytes_atomic(stack / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.stack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("prefect-server", help="run the stack's restricted Prefect server in the foreground")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=DEFAULT_PREFECT_PORT)
+    args = parser.parse_args()
+    serve_prefect(args.host, args.port)

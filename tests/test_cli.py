@@ -232,3 +232,121 @@ def test_ingest_converts_other_formats_and_refuses_untrusted_pickles(tmp_path, m
     assert refused.exit_code == 1 and "trust" in refused.output
     trusted = runner.invoke(app, ["ingest", str(tmp_path / "LSWMD.pkl"), "--trust", "--curated", str(tmp_path / "cur2")])
     assert trusted.exit_code == 0, trusted.output
+
+
+# -- outputs: never the input, never a folder, no temporary file left (issue 16.5) -------------------
+def _same_bytes_after(path: Path, before: bytes) -> bool:
+    return path.read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "relative"])
+def test_predict_refuses_to_overwrite_its_input(tmp_path, monkeypatch, how):
+    src = write(wafers(["a", "b"]), tmp_path / "in.parquet")
+    before = src.read_bytes()
+    dest = {"same path": src, "symlink": tmp_path / "link.parquet", "hard link": tmp_path / "hard.parquet",
+            "relative": Path("sub/../in.parquet")}[how]
+    if how == "symlink":
+        dest.symlink_to(src)
+    elif how == "hard link":
+        dest.hardlink_to(src)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = run("predict", src, dest)
+    assert_clean_error(result, contains="is the input file")
+    assert _same_bytes_after(src, before) and not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_predict_refuses_an_output_inside_an_input_folder(tmp_path):
+    write(wafers(["a"]), tmp_path / "drops" / "a.parquet")
+    result = run("predict", tmp_path / "drops", tmp_path / "drops" / "preds.parquet")
+    assert_clean_error(result, contains="inside the input folder")
+    assert [p.name for p in (tmp_path / "drops").iterdir()] == ["a.parquet"]
+
+
+@pytest.mark.parametrize("command", ["predict", "synth"])
+def test_an_output_folder_is_one_line_and_leaves_no_temporary_file(tmp_path, command):
+    src = write(wafers(["a"]), tmp_path / "in.parquet")
+    (tmp_path / "out").mkdir()
+    args = ("predict", src, tmp_path / "out") if command == "predict" else ("synth", tmp_path / "out", "--n", 2)
+    assert_clean_error(run(*args), contains="is a folder")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out"]
+
+
+def test_validate_refuses_to_overwrite_its_input(tmp_path):
+    src = write(wafers(["a", "bad"], bad_ids={"bad"}), tmp_path / "v" / "valid.parquet")
+    before = src.read_bytes()
+    assert_clean_error(run("validate", src, "--out-dir", tmp_path / "v"), contains="is the input file")
+    assert _same_bytes_after(src, before)
+
+
+_SLOW_SYNTH = """
+import sys, time, types
+import numpy as np
+from fcn_core.table import make_table
+def generate_wafers(n, *, seed, synth=None, start_index=0, classes=None):
+    rng = np.random.default_rng(start_index)
+    return make_table(wafer_ids=[f"w{start_index + i}" for i in range(n)],
+                      die_maps=[rng.integers(0, 3, (64, 64), dtype=np.uint8) for _ in range(n)])
+def iter_wafer_chunks(n, chunk_size, *, seed, synth=None, classes=None):
+    for start in range(0, n, chunk_size):
+        yield generate_wafers(min(chunk_size, n - start), seed=seed, start_index=start)
+        time.sleep(float(sys.argv[1]))
+fake = types.ModuleType("fcn_core.synth")
+fake.generate_wafers, fake.iter_wafer_chunks = generate_wafers, iter_wafer_chunks
+sys.modules["fcn_core.synth"] = fake
+import fcn_core; fcn_core.synth = fake
+from flows import cli
+cli.SYNTH_CHUNK = 500
+cli.app(sys.argv[2:])
+"""
+
+
+def test_kill_9_mid_write_leaves_temps_that_the_next_run_cleans(tmp_path):
+    """A writer killed with -9 leaves its temporary file; the next run removes it and writes the
+    same table as an uninterrupted run (the old output stays intact meanwhile)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    out = tmp_path / "out" / "big.parquet"
+
+    def synth(n: int, pause: float, dest: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _SLOW_SYNTH, str(pause), "synth", str(dest), "--n", str(n)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    first = synth(2_000, 0.0, out)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    old = out.read_bytes()
+    writer = synth(1_000_000, 0.2, out)  # would take minutes: killed while its file is half written
+    deadline = time.monotonic() + 300
+    while not [p for p in out.parent.glob(".big.parquet.tmp-*") if p.stat().st_size > 0]:
+        assert writer.poll() is None and time.monotonic() < deadline, writer.stderr.read()
+        time.sleep(0.1)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=60)
+    assert list(out.parent.glob(".big.parquet.tmp-*")), "the killed writer should have left its temporary file"
+    assert out.read_bytes() == old  # readers never saw half a file
+
+    rerun = synth(3_000, 0.0, out)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    reference = synth(3_000, 0.0, tmp_path / "ref" / "big.parquet")
+    assert reference.wait(timeout=300) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["big.parquet"]
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "ref" / "big.parquet"))
+
+
+def test_predict_cleans_temporary_files_of_killed_runs_beside_its_output(tmp_path, wafer_home):
+    import subprocess
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    src = write(wafers(["a"]), tmp_path / "in.parquet")
+    stale = tmp_path / "out" / f".preds.parquet.tmp-{dead_pid}-0a1b2c3d"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half")
+    result = run("predict", src, tmp_path / "out" / "preds.parquet", "--model", tmp_path / "no-such-model.pt")
+    assert result.exit_code == 1 and "Traceback" not in result.output  # no model: a clean error, after cleaning
+    assert list((tmp_path / "out").iterdir()) == []

@@ -117,7 +117,7 @@ def test_no_temporary_files_left_and_manifest_is_json(tmp_path):
     src = write(drop(["a", "b"], days=[1, None], bad_ids={"b"}), tmp_path / "in.parquet")
     ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
     names = [p.name for p in (tmp_path / "cur").rglob("*")]
-    assert not [n for n in names if n.startswith(".tmp") or n.endswith(".tmp")]
+    assert not [n for n in names if ".tmp" in n]
     manifest = json.loads((tmp_path / "cur" / MANIFEST_NAME).read_text())
     (entry,) = manifest["sources"].values()
     assert entry["source"] == src and entry["rows_valid"] == 1 and entry["rows_quarantined"] == 1
@@ -179,6 +179,78 @@ def test_read_curated_filters(tmp_path):
     assert read_curated(tmp_path / "nothing-here").num_rows == 0
     with pytest.raises(ValueError, match="unknown split"):
         read_curated(tmp_path / "cur", splits=["training"])
+
+
+def test_read_curated_matches_the_part_files_in_date_then_part_order(tmp_path):
+    """The pyarrow.dataset reader returns what reading each part file in order did (plus its date)."""
+    a = write(drop([f"a{i}" for i in range(6)], days=[3, 1, 2, 1, 3, 2]), tmp_path / "in/a.parquet")
+    b = write(drop([f"b{i}" for i in range(4)], days=[2, 2, 1, 3]), tmp_path / "in/b.parquet")
+    ingest([a, b], tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    expected = []
+    for part in sorted((tmp_path / "cur").glob("date=*/part-*.parquet")):
+        t = pq.read_table(part)
+        expected += [(r["wafer_id"], r["split"], part.parent.name[len("date="):]) for r in t.to_pylist()]
+    cur = read_curated(tmp_path / "cur")
+    assert cur.schema.equals(READ_SCHEMA)
+    assert list(zip(*(cur.column(c).to_pylist() for c in ("wafer_id", "split", "date")))) == expected
+    assert cur.select(WAFER_SCHEMA.names).cast(WAFER_SCHEMA).to_pylist() == [
+        r for part in sorted((tmp_path / "cur").glob("date=*/part-*.parquet"))
+        for r in pq.read_table(part).select(WAFER_SCHEMA.names).to_pylist()]
+
+
+# -- damaged stores: one line naming the file and the fix, then the fix works -------------------------
+@pytest.mark.parametrize("content", [b'{"version": 1, "sources": {"ab', b"\xff\xfe", b"[1, 2]"])
+def test_corrupt_manifest_names_the_file_and_the_fix(tmp_path, content):
+    src = write(drop(["a", "b"], days=[1, 2]), tmp_path / "in.parquet")
+    ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    manifest = tmp_path / "cur" / MANIFEST_NAME
+    manifest.write_bytes(content)
+    with pytest.raises(WaferTableError) as info:
+        ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    message = str(info.value)
+    assert str(manifest) in message and "ingest the drops again" in message and "\n" not in message
+    manifest.unlink()  # the advice: move it away, ingest again -> same store, no duplicates
+    report = ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    assert report.rows_valid == 2 and report.rows_quarantined == 0
+    assert sorted(read_curated(tmp_path / "cur").column("wafer_id").to_pylist()) == ["a", "b"]
+
+
+def test_truncated_part_names_the_file_and_reingest_repairs_it(tmp_path):
+    src = write(drop(["a", "b", "c"], days=[1, 2, 2]), tmp_path / "in.parquet")
+    ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    before = read_curated(tmp_path / "cur")
+    (part,) = (tmp_path / "cur").glob("date=2024-05-02/part-*.parquet")
+    part.write_bytes(part.read_bytes()[:100])
+    for attempt in (lambda: read_curated(tmp_path / "cur"),
+                    lambda: ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)):
+        with pytest.raises(WaferTableError) as info:
+            attempt()
+        message = str(info.value)
+        assert str(part) in message and "truncated or corrupt" in message and "ingest its source" in message
+        assert "\n" not in message
+    part.unlink()  # the advice: delete it and ingest the source again (not skipped: a part is missing)
+    report = ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    assert report.files_ingested == [src] and report.rows_valid == 3
+    assert read_curated(tmp_path / "cur").equals(before)
+
+
+def test_temporary_files_of_dead_writers_are_cleaned_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    src = write(drop(["a"], days=[1]), tmp_path / "in.parquet")
+    ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftovers = [tmp_path / "cur" / f".{MANIFEST_NAME}.tmp-{dead_pid}-0123abcd",
+                 tmp_path / "cur" / "date=2024-05-01" / f".part-x.parquet.tmp-{dead_pid}-89abcdef",
+                 tmp_path / "cur" / "_quarantine" / f".x.parquet.tmp-{dead_pid}-00000000"]
+    live = tmp_path / "cur" / "date=2024-05-01" / f".part-y.parquet.tmp-{__import__('os').getppid()}-11111111"
+    for p in [*leftovers, live]:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half a file")
+    ingest(src, tmp_path / "cur", n_classes=N_CLASSES, split=SPLIT, now=NOW)
+    assert not any(p.exists() for p in leftovers) and live.exists()
 
 
 # -- split -------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_every_reason_has_a_test_below():
     assert set(REASONS) == {
         "wafer_id_null", "wafer_id_duplicate", "size_out_of_range", "die_map_null", "die_map_length",
         "die_map_values", "label_map_length", "label_map_values", "label_on_non_fail_die",
-        "captured_at_invalid",
+        "captured_at_invalid", "captured_at_out_of_range",
     }
 
 
@@ -167,6 +167,43 @@ def test_naive_time_strings_are_invalid_not_guessed():
     good = good_table(1)
     loose = good.set_column(2, "captured_at", pa.array(["2024-05-01 12:00:00"], pa.string()))
     assert validate_table(loose, n_classes=N_CLASSES).counts == {"captured_at_invalid": 1}
+
+
+@pytest.mark.parametrize("epoch_type", [pa.int64(), pa.int32(), pa.float64()])
+def test_epoch_numbers_are_refused_not_read_as_microseconds(epoch_type):
+    good = good_table(2)
+    seconds = pa.array([1_714_564_800, None], pa.int64()).cast(epoch_type)  # 2024-05-01 12:00 UTC in seconds
+    with pytest.raises(WaferTableError, match="captured_at.*not epoch numbers"):
+        validate_table(good.set_column(2, "captured_at", seconds), n_classes=N_CLASSES)
+
+
+def test_all_null_numeric_captured_at_is_just_absent():
+    good = good_table(2)
+    result = validate_table(good.set_column(2, "captured_at", pa.nulls(2, pa.int64())), n_classes=N_CLASSES)
+    assert result.n_valid == 2 and result.valid.column("captured_at").null_count == 2
+
+
+@pytest.mark.parametrize("moment", [datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, tzinfo=timezone.utc),
+                                    datetime(1989, 12, 31, 23, 59, tzinfo=timezone.utc),
+                                    datetime(2101, 1, 1, tzinfo=timezone.utc)])
+def test_captured_at_out_of_range(moment):
+    good = good_table()
+    assert_only_bad_quarantined(with_bad_row(good, captured_at=moment), good, "captured_at_out_of_range")
+
+
+def test_captured_at_range_bounds_are_accepted():
+    good = good_table(2)
+    edges = pa.array([datetime(1990, 1, 1, tzinfo=timezone.utc), datetime(2100, 12, 31, 23, 59, tzinfo=timezone.utc)],
+                     pa.timestamp("us", tz="UTC"))
+    assert validate_table(good.set_column(2, "captured_at", edges), n_classes=N_CLASSES).n_valid == 2
+
+
+def test_out_of_range_strings_and_unreadable_strings_get_their_own_reasons():
+    good = good_table(3)
+    loose = good.set_column(2, "captured_at", pa.array(["0001-01-01T00:00:00Z", "nope", "2024-05-01T00:00:00Z"]))
+    result = validate_table(loose, n_classes=N_CLASSES)
+    assert result.quarantine.column("reason").to_pylist() == ["captured_at_out_of_range", "captured_at_invalid"]
+    assert result.n_valid == 1
 
 
 def test_first_broken_rule_wins():
