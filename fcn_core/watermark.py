@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
+
+from fcn_core.atomic import write_bytes_atomic
 
 WATERMARK_NAME = "_watermark.json"
 FORMAT_VERSION = 1
@@ -54,10 +55,8 @@ class Watermark:
     def save(self) -> None:
         """Write to a temporary file and rename: readers see the old or the new file, never half."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "partitions": self.partitions},
-                                  indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, json.dumps({"format_version": FORMAT_VERSION, "partitions": self.partitions},
+                                                 indent=1, sort_keys=True).encode())
 
     def plan(self, date: str, parts: list[str], *, output_exists: bool) -> ScoringPlan:
         """Compare the partition's current part files with those already scored."""
