@@ -47,13 +47,10 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the model and its config from a checkpoint, in eval mode.
 
-    A model whose verdict thresholds were calibrated on real maps carries them as ``model.verdict``
-    (pickled with it into MLflow), so whoever scores with it judges wafers the same way.
+    The verdict rules a model is judged by travel with it in a :class:`fcn_core.scorer.Scorer`,
+    not on the module (``fcn_core.scorer.scorer_from_checkpoint``).
     """
     ckpt = load_checkpoint(path)
     model = fcn_from_arch(ckpt["arch"])
     model.load_state_dict(ckpt["model"])
-    cfg = config_from_dict(ckpt["config"])
-    if cfg.verdict.calibrated_on:
-        model.verdict = cfg.verdict
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), config_from_dict(ckpt["config"])

@@ -27,7 +27,7 @@ from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies, p
 from fcn_core.evaluate import evaluate
 from fcn_core.models import MODEL_NAMES, build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
-from fcn_core.predict import autocast_for, resolve_device
+from fcn_core.inference.runtime import autocast_for, resolve_device
 
 STAGES = MODEL_NAMES  # coarse to fine: fcn32s, fcn16s, fcn8s, then the die-level fcn4s, fcn2s, fcn1s
 FINETUNE = "finetune"  # weak-label fine-tuning on real maps (fcn_core.weak): same model, more data

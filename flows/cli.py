@@ -378,9 +378,9 @@ def predict(
     'none') and its share, model_name, model_version. Invalid rows are reported, not scored.
     Uses the same code as the nightly-inference flow and the same tracking store as `make demo`.
     """
-    from fcn_core.predict import resolve_device, score_table
+    from fcn_core.inference.runtime import resolve_device
     from fcn_core.validate import validate_table
-    from tasks import tracking
+    from tasks.scoring import load_scorer_uri
 
     cfg = command_config(ctx, config, overrides)
     table = read_wafer_table(source)
@@ -393,12 +393,12 @@ def predict(
     uri = model or f"models:/{cfg.tracking.registered_model}@champion"
     dev = resolve_device(device)
     try:
-        net, name, version = tracking.load_model_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
+        scorer, name, version = load_scorer_uri(uri, cfg=cfg, device=str(dev))
     except (LookupError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
-        scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
-                             batch_size=batch_size, device=dev, num_threads=threads)
+        scored = scorer.score_table(result.valid, model_name=name, model_version=str(version),
+                                    batch_size=batch_size, device=dev, num_threads=threads)
     write_parquet_atomic(scored, dest)
     patterns = scored.column("dominant_pattern").value_counts().to_pylist()
     console.print(_pattern_table(patterns))

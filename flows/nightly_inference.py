@@ -30,7 +30,7 @@ from flows.steps import ingest_drops
 from tasks import tracking
 from tasks.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
 from tasks.runtime import make_task_runner
-from tasks.scoring import file_exists, part_files, predictions_path, remember_model, score_partition
+from tasks.scoring import file_exists, load_scorer_uri, part_files, predictions_path, remember_scorer, score_partition
 from tasks.watermark import WATERMARK_NAME, Watermark
 
 __all__ = ["NightlyParams", "nightly_inference"]
@@ -94,11 +94,12 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     curated_root = params.curated_root or str(cfg.home_dir / "curated")
     out_root = str(predictions_root(cfg))
     try:
-        model, name, version = tracking.load_champion(cfg)
+        champion = f"models:/{cfg.tracking.registered_model}@{tracking.CHAMPION}"
+        scorer, name, version = load_scorer_uri(champion, cfg=cfg)
     except tracking.NoChampionError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
-    remember_model(cfg.tracking_uri, name, version, model)
+    remember_scorer(cfg.tracking_uri, name, version, scorer)
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
         log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],

@@ -60,7 +60,8 @@ def test_real_verdicts_scores_a_run_with_and_without_the_shape_rule(tmp_path, ca
         write_parquet_atomic(table, run / "data" / f"{part}.parquet")
     script.main([str(run), "--stages", "fcn8s,fcn1s"])
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| fcn1s")]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| fcn1s")]
     assert "skipped fcn8s" in out
     assert [(r[1], r[2]) for r in rows] == [("scratch 4", "config"), ("scratch 4", "calibrated"),
                                             ("none", "config"), ("none", "calibrated")]
