@@ -167,7 +167,7 @@ def test_first_version_is_champion_and_loads_in_fresh_process_at_any_size(home, 
 
     # reference predictions in this process, from the checkpoint itself
     from fcn_core.checkpoint import load_model
-    from fcn_core.predict import predict_maps
+    from fcn_core.inference.packed import predict_maps
 
     rng = np.random.default_rng(0)
     dies = [rng.integers(0, 3, size=shape).astype(np.uint8) for shape in [(17, 23), (45, 38)]]  # example is 32x32
@@ -176,7 +176,7 @@ def test_first_version_is_champion_and_loads_in_fresh_process_at_any_size(home, 
     script = textwrap.dedent(f"""
         import json, numpy as np, torch
         from fcn_core.config import Config
-        from fcn_core.predict import predict_maps
+        from fcn_core.inference.packed import predict_maps
         from tasks.tracking import load_champion
         cfg = Config(home={str(home)!r}, tracking={{"registered_model": "fcn-fresh"}})
         model, name, version = load_champion(cfg)
