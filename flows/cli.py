@@ -380,7 +380,7 @@ def predict(
     """
     from fcn_core.inference.runtime import resolve_device
     from fcn_core.validate import validate_table
-    from tasks.scoring import load_scorer_uri
+    from tasks.serving import load_scorer_uri
 
     cfg = command_config(ctx, config, overrides)
     table = read_wafer_table(source)

@@ -30,7 +30,8 @@ from flows.steps import ingest_drops
 from tasks import tracking
 from tasks.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
 from tasks.runtime import make_task_runner
-from tasks.scoring import file_exists, load_scorer_uri, part_files, predictions_path, remember_scorer, score_partition
+from tasks.scoring import file_exists, part_files, predictions_path, remember_scorer, score_partition
+from tasks.serving import load_scorer_uri
 from tasks.watermark import WATERMARK_NAME, Watermark
 
 __all__ = ["NightlyParams", "nightly_inference"]

@@ -200,7 +200,7 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     assert any(i.startswith("syn-11-") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
     # the registered model is served with the verdict thresholds calibrated on the fine-tune part
     from fcn_core.scorer import load_scorer
-    from tasks.scoring import load_scorer_uri
+    from tasks.serving import load_scorer_uri
 
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
     scorer, _, version = load_scorer_uri(f"models:/{cfg.tracking.registered_model}@champion", cfg=cfg)

@@ -6,11 +6,10 @@ import torch
 from fcn_core.config import SplitConfig, SynthConfig, load_config
 from fcn_core.ingest import ingest, list_partitions, read_curated
 from fcn_core.models import build_fcn
-from fcn_core.scorer import Scorer, save_scorer
+from fcn_core.scorer import Scorer
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps, write_parquet_atomic
 from tasks.scoring import (
-    load_scorer_uri,
     part_files,
     predictions_path,
     registered_scorer,
@@ -102,21 +101,3 @@ def test_a_shared_scorer_is_only_read_by_the_tasks(model_key):
     scorer.score_table(table, model_name="wafer-fcn", model_version="1", num_threads=1)
     assert scorer.inference_net() is net
     assert [(w.data_ptr(), w.stride()) for w in convs] == before
-
-
-def test_local_files_are_served_with_their_own_calibrated_rules(tmp_path):
-    from fcn_core.checkpoint import model_state, save_checkpoint
-    from fcn_core.config import VerdictConfig
-
-    cfg = load_config("tiny", {"verdict.min_dies": 4, "tracking.tracking_uri": f"sqlite:///{tmp_path}/m.db"})
-    model = build_fcn("fcn8s", n_classes=5)
-    calibrated = VerdictConfig(min_dies=9, calibrated_on="real.parquet")
-    bundle = save_scorer(Scorer(model, calibrated, cfg), tmp_path / "scorer.pt")
-    scorer, name, version = load_scorer_uri(str(bundle), cfg=cfg)
-    assert (scorer.verdict, name, version) == (calibrated, str(bundle), "local")
-    ckpt = save_checkpoint(tmp_path / "best.pt", {"arch": dict(model.arch), "model": model_state(model),
-                                                  "config": load_config("tiny").to_dict()})
-    scorer, _, _ = load_scorer_uri(str(ckpt), cfg=cfg)
-    assert scorer.verdict == cfg.verdict  # not calibrated: the config in force judges
-    with pytest.raises(ValueError, match="expected models:/"):
-        load_scorer_uri(str(tmp_path / "missing.pt"), cfg=cfg)
