@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from fcn_core.config import Config
+from fcn_core.inference.runtime import resolve_device
 from fcn_core.ingest import list_partitions
 from flows.params import NightlyParams
 from flows.steps import ingest_drops
@@ -96,7 +97,8 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     out_root = str(predictions_root(cfg))
     try:
         champion = f"models:/{cfg.tracking.registered_model}@{tracking.CHAMPION}"
-        scorer, name, version = load_scorer_uri(champion, cfg=cfg)
+        # on the device score_partition runs on (the tasks share this scorer)
+        scorer, name, version = load_scorer_uri(champion, cfg=cfg, device=str(resolve_device(cfg.train.device)))
     except tracking.NoChampionError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
