@@ -307,7 +307,7 @@ def calibrate_verdict(
 
 # -- scores ---------------------------------------------------------------------------------------
 def verdict_scores(true_patterns: Sequence[str], pred_patterns: Sequence[str], *, labels: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix.
+    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix (computed by sklearn).
 
     ``confusion[i][j]`` counts wafers whose true label is ``labels[i]`` and verdict ``labels[j]``.
     A ratio with a zero denominator (no wafer of a label, or none predicted) is 0.0, and macro-F1

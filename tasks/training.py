@@ -152,11 +152,11 @@ def evaluate_stages(*, config: dict, scorers: dict[str, str], test_path: str, ou
                     real_stages: list[str] | None = None) -> dict:
     """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
 
-    ``scorers``: the scorer bundle of each stage. The overlay picture shows ``model_stage`` (the stage
-    that will be registered). Real-map
-    verdicts are scored for ``real_stages`` (default: ``model_stage``) on ``real_path`` (default:
-    ``eval.real_data``; the held-out part when fine-tuning). Returns the per-stage scores, the
-    results rows, the written files and the real-map metrics.
+    ``scorers``: the scorer bundle of each stage. The overlay picture shows ``model_stage`` (the
+    stage that will be registered). Real-map verdicts are scored for ``real_stages`` (default:
+    ``model_stage``) on ``real_path`` (default: ``eval.real_data``; the held-out part when
+    fine-tuning). Returns the per-stage scores, the results rows, the written files and the
+    real-map metrics.
     """
     cfg = config_from_dict(config)
     client = tracking.configure(cfg)
