@@ -210,7 +210,7 @@ def synthetic_64(n: int, *, seed: int = 0) -> pa.Table:
 
 def padded_die_batch(table: pa.Table, size: int = 64) -> torch.Tensor:
     """(N, size, size) uint8 die states of a table's maps, padded with no-die at the bottom/right."""
-    from fcn_core.predict import packed_column
+    from fcn_core.inference.packed import packed_column
 
     maps = packed_column(table)
     out = np.zeros((len(maps), size, size), np.uint8)

@@ -9,7 +9,7 @@ Sections (each printed as a table and saved in bench/results/inference.json):
 - grid: preset x geometry x dtype, model-only wafers/s on real maps (a seeded sample sized to the
   model's cost) and on synthetic 64 x 64 maps, achieved GFLOP/s and share of that peak,
   peak RSS;
-- end-to-end: the nightly task's own code path (read_parquet -> validate_table -> score_table ->
+- end-to-end: the nightly task's own code path (read_parquet -> validate_table -> Scorer.score_table ->
   write_parquet_atomic) on the real file and on a synthetic 64 x 64 file;
 - accuracy: a trained compact FCN-8s (bench.trained), fp32 vs bf16 vs the baseline code: label
   agreement on fail dies and mean IU on the synthetic test split;
@@ -43,8 +43,10 @@ from fcn_core.config import load_config
 from fcn_core.data import WaferSet
 from fcn_core.models import build_fcn, forward_gflops
 from fcn_core.padding import crop_map
-from fcn_core.predict import (PackedMaps, class_ids, one_hot_channels_last, packed_column,
-                              predict_packed, prepare_model, score_table)
+from fcn_core.inference.fastpath import fast_module, one_hot_channels_last
+from fcn_core.inference.packed import PackedMaps, label_packed, packed_column, predict_packed
+from fcn_core.inference.runtime import class_ids
+from fcn_core.scorer import Scorer
 from fcn_core.table import FAIL, die_maps, read_parquet, write_parquet_atomic
 from fcn_core.validate import validate_table
 
@@ -76,6 +78,12 @@ def fresh_model(preset: str = "compact", geometry: str = "aligned", name: str = 
     return build_fcn(name, n_classes=N_CLASSES, preset=preset, geometry=geometry).eval()
 
 
+def fast_run(model: nn.Module, *, channels_last: bool = True, subpixel: bool = True):
+    """Score packed maps with ``model``'s fast copy, made once outside the timings (as a Scorer keeps it)."""
+    net = fast_module(model, channels_last=channels_last, subpixel=subpixel)
+    return lambda maps, **options: label_packed(net, maps, channels_last=channels_last, **options)
+
+
 # -- sections ---------------------------------------------------------------------------------------
 def levers(table: pa.Table, *, threads_list: list[int], repeats: int) -> list[dict]:
     """Each lever on the default model, cumulative, model-only (plus decode timings)."""
@@ -100,21 +108,18 @@ def levers(table: pa.Table, *, threads_list: list[int], repeats: int) -> list[di
         add("decode: packed_column (one frombuffer)", threads, lambda: packed_column(table), len(maps))
         m = fresh_model()
         add("baseline (original predict_maps)", threads, lambda: baseline_predict(m, listed), len(maps), gflop)
-        m = fresh_model()
-        add("packed + pixel-capped buckets, NCHW", threads,
-            lambda: predict_packed(m, maps, channels_last=False, subpixel=False, bf16=False), len(maps), gflop)
-        m = fresh_model()
-        add("+ channels_last", threads, lambda: predict_packed(m, maps, subpixel=False, bf16=False), len(maps),
-            gflop)
-        m = fresh_model()
-        add("+ sub-pixel upsamplers (fp32)", threads, lambda: predict_packed(m, maps, bf16=False), len(maps), gflop)
-        add("+ bf16 autocast (the default here)", threads, lambda: predict_packed(m, maps, bf16=True), len(maps),
-            gflop)
+        run = fast_run(fresh_model(), channels_last=False, subpixel=False)
+        add("packed + pixel-capped buckets, NCHW", threads, lambda: run(maps, bf16=False), len(maps), gflop)
+        run = fast_run(fresh_model(), subpixel=False)
+        add("+ channels_last", threads, lambda: run(maps, bf16=False), len(maps), gflop)
+        run = fast_run(fresh_model())
+        add("+ sub-pixel upsamplers (fp32)", threads, lambda: run(maps, bf16=False), len(maps), gflop)
+        add("+ bf16 autocast (the default here)", threads, lambda: run(maps, bf16=True), len(maps), gflop)
         for pixels in (64 * 1024, 1024 * 1024):
             add(f"bf16 default, max_batch_pixels={pixels}", threads,
-                lambda p=pixels: predict_packed(m, maps, max_batch_pixels=p), len(maps), gflop)
+                lambda p=pixels: run(maps, max_batch_pixels=p), len(maps), gflop)
         torch.set_flush_denormal(True)
-        add("bf16 default + flush denormals", threads, lambda: predict_packed(m, maps), len(maps), gflop)
+        add("bf16 default + flush denormals", threads, lambda: run(maps), len(maps), gflop)
         torch.set_flush_denormal(False)
     # argmax vs max on the channel dim: measured alone (the model's output layout, 64 maps at 64 x 64)
     logits = torch.randn(64, N_CLASSES, 64, 64)
@@ -125,7 +130,7 @@ def levers(table: pa.Table, *, threads_list: list[int], repeats: int) -> list[di
 
 def compile_lever(*, n64: int, repeats: int) -> list[dict]:
     """torch.compile of the channels-last fp32 model on one 64 x 64 batch: compile time and speed."""
-    m = prepare_model(fresh_model(), channels_last=True, subpixel=True)
+    m = fast_module(fresh_model())
     x = one_hot_channels_last(padded_die_batch(synthetic_64(n64, seed=4)))
     rows = []
     with torch.inference_mode():
@@ -148,8 +153,9 @@ def compile_lever(*, n64: int, repeats: int) -> list[dict]:
 
 
 def model_only(model: nn.Module, maps: PackedMaps, *, bf16: bool, repeats: int) -> dict:
+    run = fast_run(model)
     with PeakRSS() as rss:
-        timing = time_best(lambda: predict_packed(model, maps, bf16=bf16), repeats=repeats)
+        timing = time_best(lambda: run(maps, bf16=bf16), repeats=repeats)
     gflop = padded_gflops(model, maps.heights, maps.widths)
     return {"wafers": len(maps), **timing.summary(len(maps)), "gflop": round(gflop, 3),
             "gflops_per_s": round(gflop / timing.best_s, 2), "peak_rss_mib": rss.peak_mib}
@@ -166,8 +172,9 @@ def grid(real: pa.Table | None, *, presets: list[str], n64: int, repeats: int, p
             per_map_gf = forward_gflops(model, 64, 64)
             # probe speed on 2 maps, then size the samples to the time budget
             probe = PackedMaps(syn.data, syn.starts[:2], syn.heights[:2], syn.widths[:2])
+            probe_run = fast_run(model)
             t0 = time.perf_counter()
-            predict_packed(model, probe)
+            probe_run(probe)
             per_map_s = (time.perf_counter() - t0) / 2
             n_syn = int(np.clip(seconds_per_cell / max(per_map_s, 1e-6), 2, len(syn)))
             n_real = int(np.clip(1.5 * seconds_per_cell / max(per_map_s, 1e-6), 4, 12450))
@@ -198,7 +205,7 @@ def end_to_end(path: Path, *, threads_list: list[int], repeats: int, label: str)
         for threads in threads_list:
             torch.set_num_threads(threads)
             for dtype in ("fp32", "bf16"):
-                model = fresh_model()
+                scorer = Scorer(model=fresh_model(), verdict=cfg.verdict, cfg=cfg)
                 runs: list[dict[str, float]] = []  # stage seconds of every run, warm-up included
 
                 def run() -> None:
@@ -210,8 +217,7 @@ def end_to_end(path: Path, *, threads_list: list[int], repeats: int, label: str)
                     valid = validate_table(table, n_classes=cfg.n_classes).valid
                     stages["validate"] = time.perf_counter() - t
                     t = time.perf_counter()
-                    scored = score_table(model, valid, cfg=cfg, model_name="bench", model_version="0",
-                                         bf16=dtype == "bf16")
+                    scored = scorer.score_table(valid, model_name="bench", model_version="0", bf16=dtype == "bf16")
                     stages["score"] = time.perf_counter() - t
                     t = time.perf_counter()
                     write_parquet_atomic(scored, f"{tmp}/predictions.parquet")
@@ -246,7 +252,6 @@ def accuracy(real: pa.Table | None, *, budget: Budget, n_test: int, cache_dir: P
             "fp32": predict_packed(model, maps, bf16=False),
             "bf16": predict_packed(model, maps, bf16=True),
         }
-        model.to(memory_format=torch.contiguous_format)
         section: dict = {"wafers": len(maps),
                          "fail_die_agreement_fp32_vs_baseline": label_agreement(preds["fp32"], preds["baseline"], maps),
                          "fail_die_agreement_bf16_vs_fp32": label_agreement(preds["bf16"], preds["fp32"], maps)}
@@ -266,7 +271,7 @@ def peer(*, batch: int, repeats: int) -> list[dict]:
     rows = []
     models = {"compact FCN-8s (aligned)": fresh_model(), PEER_NAME: PeerFCN(N_CLASSES).eval()}
     for name, model in models.items():
-        net = prepare_model(model, channels_last=True, subpixel=True)
+        net = fast_module(model)
         gf = forward_gflops(model, 64, 64)
         for dtype in ("fp32", "bf16"):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -284,12 +289,12 @@ def gpu_rows(*, repeats: int) -> dict | str:
     if not torch.cuda.is_available():
         return NO_GPU
     device = torch.device("cuda")
-    model = fresh_model().to(device)
+    run_fast = fast_run(fresh_model().to(device))
     maps = packed_column(synthetic_64(4096, seed=6))
     out = {"gpu": torch.cuda.get_device_name(0)}
     for batch in (1024, 4096):
         def run() -> None:
-            predict_packed(model, maps, device=device, bf16=True, batch_size=batch, max_batch_pixels=batch * 4096)
+            run_fast(maps, device=device, bf16=True, batch_size=batch, max_batch_pixels=batch * 4096)
             torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         timing = time_best(run, repeats=repeats)

@@ -1,7 +1,7 @@
-"""Bounded memory: score N synthetic wafers (default 1,000,000), generated in chunks, through score_table.
+"""Bounded memory: score N synthetic wafers (default 1,000,000), generated in chunks, through Scorer.score_table.
 
 Each chunk is generated (fcn_core.synth.iter_wafer_chunks), scored by the default model (compact,
-aligned, FCN-8s) through ``score_table`` and reduced to a few counts, as a nightly run over many
+aligned, FCN-8s) through ``Scorer.score_table`` and reduced to a few counts, as a nightly run over many
 partitions would do; the predictions are not kept. Reported: wall time split into generation and
 scoring, wafers/s, and peak RSS of this process (kernel high-water mark and a 5 ms sampler).
 Target: peak RSS under 4 GiB.
@@ -24,7 +24,7 @@ from bench.common import (PeakRSS, base_parser, load_avg, machine_info, process_
                           set_threads)
 from fcn_core.config import load_config
 from fcn_core.models import build_fcn
-from fcn_core.predict import score_table
+from fcn_core.scorer import Scorer
 from fcn_core.synth import iter_wafer_chunks
 
 RSS_LIMIT_MIB = 4096
@@ -35,13 +35,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=1_000_000, help="wafers to generate and score")
     parser.add_argument("--chunk", type=int, default=20_000, help="wafers per generated chunk")
     parser.add_argument("--dtype", choices=("default", "fp32", "bf16"), default="default",
-                        help="default: score_table's own choice (bf16 on CPUs with native bf16)")
+                        help="default: the scorer's own choice (bf16 on CPUs with native bf16)")
     parser.add_argument("--progress-every", type=int, default=10, help="print a line every this many chunks")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     cfg = load_config("default")
     torch.manual_seed(0)
-    model = build_fcn("fcn8s", n_classes=cfg.n_classes, preset="compact", geometry="aligned").eval()
+    scorer = Scorer(model=build_fcn("fcn8s", n_classes=cfg.n_classes, preset="compact", geometry="aligned").eval(),
+                    verdict=cfg.verdict, cfg=cfg)
     payload: dict = {"machine": machine_info(), "threads": threads, "n": args.n, "chunk": args.chunk,
                      "dtype": args.dtype, "rss_before_mib": process_peak_rss_mib()}
     bf16 = {"default": None, "fp32": False, "bf16": True}[args.dtype]
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         for table in iter_wafer_chunks(args.n, args.chunk, seed=11):
             gen_s += time.perf_counter() - t
             t = time.perf_counter()
-            out = score_table(model, table, cfg=cfg, model_name="bench", model_version="0", bf16=bf16)
+            out = scorer.score_table(table, model_name="bench", model_version="0", bf16=bf16)
             score_s += time.perf_counter() - t
             scored += out.num_rows
             fail_dies += int(out.column("fail_dies").to_numpy().sum())

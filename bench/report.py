@@ -26,9 +26,10 @@ def _fmt(v: Any) -> str:
 
 def table(rows: list[dict], columns: dict[str, str]) -> str:
     """``columns``: key -> header. Missing keys print empty."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    import pandas as pd
+
+    cells = pd.DataFrame([[_fmt(r.get(k, "")) for k in columns] for r in rows], columns=list(columns.values()))
+    return cells.to_markdown(index=False, disable_numparse=True)  # cells are formatted by _fmt already
 
 
 def machine_line(data: dict) -> str:

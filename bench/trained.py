@@ -26,7 +26,7 @@ from fcn_core.checkpoint import load_model
 from fcn_core.config import Config, load_config
 from fcn_core.data import WaferSet
 from fcn_core.metrics import segmentation_scores
-from fcn_core.predict import PackedMaps, packed_column
+from fcn_core.inference.packed import PackedMaps, packed_column
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL
 from fcn_core.train import train_stage

@@ -31,7 +31,7 @@ from fcn_core.config import Config, load_config
 from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
 from fcn_core.models import build_fcn, forward_gflops
 from fcn_core.padding import IGNORE_INDEX, Batch
-from fcn_core.predict import inference_view
+from fcn_core.inference.fastpath import with_subpixel_upsamplers
 from fcn_core.train import STAGES, make_optimizer, train_stage, warmup_cosine
 
 N_CLASSES = 5
@@ -78,7 +78,7 @@ def step_fn(model: nn.Module, cfg: Config, weights: torch.Tensor | None, *, chan
     model.train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    net = inference_view(model) if subpixel else model  # same function, conv + pixel shuffle upsamplers
+    net = with_subpixel_upsamplers(model) if subpixel else model  # same function, conv + pixel shuffle upsamplers
     optimizer = make_optimizer(cfg, model, 1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup=10))
     loss_fn = nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE_INDEX)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcn_core.atomic import atomic_write
 from fcn_core.config import Config, config_from_dict
 from fcn_core.models import fcn_from_arch
 
@@ -24,9 +25,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
     return path
 
 
@@ -47,13 +47,10 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the model and its config from a checkpoint, in eval mode.
 
-    A model whose verdict thresholds were calibrated on real maps carries them as ``model.verdict``
-    (pickled with it into MLflow), so whoever scores with it judges wafers the same way.
+    The verdict rules a model is judged by travel with it in a :class:`fcn_core.scorer.Scorer`,
+    not on the module (``fcn_core.scorer.scorer_from_checkpoint``).
     """
     ckpt = load_checkpoint(path)
     model = fcn_from_arch(ckpt["arch"])
     model.load_state_dict(ckpt["model"])
-    cfg = config_from_dict(ckpt["config"])
-    if cfg.verdict.calibrated_on:
-        model.verdict = cfg.verdict
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), config_from_dict(ckpt["config"])

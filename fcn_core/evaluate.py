@@ -19,12 +19,13 @@ from torch import nn
 from fcn_core.config import Config
 from fcn_core.data import WaferSet
 from fcn_core.metrics import ConfusionMatrix, segmentation_scores
-from fcn_core.predict import batch_labels, resolve_device
+from fcn_core.inference.runtime import batch_labels, resolve_device
 from fcn_core.table import PASS
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from fcn_core.scorer import Scorer
     from fcn_core.verdicts import RealEvalReport
 
 SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
@@ -96,22 +97,20 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
+def _pct_table(rows: dict[str, list[float]], headers: list[str]) -> str:
+    """Markdown table: one row per model title, the values in % with one decimal ('n/a' when missing)."""
+    frame = pd.DataFrame([[title, *map(_pct, values)] for title, values in rows.items()], columns=["model", *headers])
+    return frame.to_markdown(index=False, disable_numparse=True, colalign=("left",) + ("right",) * len(headers))
+
+
 def results_markdown(scores_by_stage: dict[str, EvalScores], *, class_names: list[str]) -> str:
     """The seed's table (scores in %), then per-class IoU, then whether 8s >= 16s >= 32s holds."""
-    head = " | ".join(SCORE_HEADERS) + " | " + " | ".join(f"{h} (fail dies)" for h in SCORE_HEADERS)
-    lines = [
-        f"| model | {head} |",
-        "| --- |" + " ---: |" * (2 * len(SCORE_KEYS)),
-    ]
-    for stage, s in scores_by_stage.items():
-        cells = [_pct(s.on_wafer[k]) for k in SCORE_KEYS] + [_pct(s.fail_only[k]) for k in SCORE_KEYS]
-        lines.append(f"| {STAGE_TITLES.get(stage, stage)} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-class IoU on fail dies (%):", "",
-              "| model | " + " | ".join(class_names) + " |", "| --- |" + " ---: |" * len(class_names)]
-    for stage, s in scores_by_stage.items():
-        lines.append(f"| {STAGE_TITLES.get(stage, stage)} | " + " | ".join(_pct(v) for v in s.fail_only["iou"]) + " |")
-    lines += ["", skip_order_sentence(scores_by_stage)]
-    return "\n".join(lines) + "\n"
+    titles = {stage: STAGE_TITLES.get(stage, stage) for stage in scores_by_stage}
+    scores = _pct_table({titles[st]: [s.on_wafer[k] for k in SCORE_KEYS] + [s.fail_only[k] for k in SCORE_KEYS]
+                         for st, s in scores_by_stage.items()},
+                        [*SCORE_HEADERS, *(f"{h} (fail dies)" for h in SCORE_HEADERS)])
+    iou = _pct_table({titles[st]: list(s.fail_only["iou"]) for st, s in scores_by_stage.items()}, list(class_names))
+    return "\n".join([scores, "", "Per-class IoU on fail dies (%):", "", iou, "", skip_order_sentence(scores_by_stage)]) + "\n"
 
 
 def skip_order_sentence(scores_by_stage: dict[str, EvalScores]) -> str:
@@ -169,10 +168,9 @@ class RealEvaluation:
 
 
 def evaluate_real(
-    model: nn.Module,
+    scorer: "Scorer",
     table: "pa.Table",
     *,
-    cfg: Config,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
 ) -> RealEvaluation:
@@ -180,20 +178,16 @@ def evaluate_real(
 
     Labels map through ``fcn_core.verdicts.LABEL_MAP`` (Edge-Ring/Donut -> ring, Center -> circle,
     Edge-Loc/Loc -> local zone, Scratch -> scratch, None/Random -> none; Near-full excluded).
+    ``pred_maps`` of the result are the maps after the scorer's shape rules (what is counted).
     """
-    from fcn_core.predict import predict_maps
-    from fcn_core.verdicts import (count_fail_dies, model_verdict, real_eval_report, shaped_maps, verdict_labels,
-                                   verdicts_from_counts)
+    from fcn_core.verdicts import real_eval_report, verdict_labels
 
     wafers = WaferSet.from_table(table)
-    verdict = model_verdict(model, cfg.verdict)
-    preds = predict_maps(model, wafers.die, batch_size=batch_size, device=device,
-                         multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-    preds = shaped_maps(preds, wafers.die, class_names=cfg.class_names, verdict=verdict, inplace=True)
-    dies = count_fail_dies(preds, wafers.die, n_classes=cfg.n_classes)
-    verdicts = verdicts_from_counts(dies, class_names=cfg.class_names, verdict=verdict)
+    preds = scorer.shaped_maps(scorer.predict_maps(wafers.die, batch_size=batch_size, device=device), wafers.die,
+                               inplace=True)
+    verdicts = scorer.verdicts(preds, wafers.die, shaped=True)
     labels = table.column("wafer_label").to_pylist()
-    report = real_eval_report(labels, verdicts.dominant_pattern, labels=verdict_labels(cfg.class_names))
+    report = real_eval_report(labels, verdicts.dominant_pattern, labels=verdict_labels(scorer.class_names))
     return RealEvaluation(report=report, wafer_ids=wafers.wafer_ids, dataset_labels=labels,
                           predicted=list(verdicts.dominant_pattern), pred_maps=preds)
 

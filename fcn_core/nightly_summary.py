@@ -1,6 +1,6 @@
 """The nightly-inference summary: what was scored, which patterns, what they cost, what jumped.
 
-Pure pandas over predictions tables (the columns written by ``fcn_core.predict.score_table``), so
+Pure pandas over predictions tables (the columns written by ``fcn_core.inference.products``), so
 it is tested without Prefect; the flow turns the result into Markdown and table artifacts.
 """
 
@@ -13,7 +13,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 
-from fcn_core.predict import column_name
+from fcn_core.verdicts import dies_column
 
 NO_PATTERN = "none"
 TRAILING_DAYS = 7
@@ -63,7 +63,7 @@ class NightSummary:
 
 def pattern_columns(class_names: list[str]) -> dict[str, str]:
     """Pattern name -> its die-count column (background has none)."""
-    return {name: column_name(name) for name in class_names[1:]}
+    return {name: dies_column(name) for name in class_names[1:]}
 
 
 def yield_loss_by_lot(predictions: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:

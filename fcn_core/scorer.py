@@ -17,16 +17,26 @@ Loading never unpickles code; anything that is not such a bundle is refused with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from fcn_core.atomic import atomic_write
 from fcn_core.config import Config, VerdictConfig, config_from_dict
+from fcn_core.inference import packed, products
+from fcn_core.inference.fastpath import fast_module
+from fcn_core.verdicts import WaferVerdicts, calibrate_verdict, count_fail_dies, shaped_maps, verdicts_from_counts
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BUNDLE_FORMAT = "wafer-fcn-scorer/1"
+SCORER_FILE = "scorer.pt"  # a stage's scorer bundle, beside its checkpoints
 
 
 class NotAScorerError(ValueError):
@@ -45,6 +55,9 @@ class Scorer:
     model: nn.Module
     verdict: VerdictConfig
     cfg: Config
+    # fast inference copies of ``model`` by (channels_last, subpixel), made on first use; ``model``
+    # itself is never changed, so scorers can be shared between threads
+    _nets: dict[tuple[bool, bool], nn.Module] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -64,10 +77,88 @@ class Scorer:
 
     def with_verdict(self, verdict: VerdictConfig) -> Scorer:
         """The same model judged by other verdict rules (e.g. calibrated thresholds)."""
-        return replace(self, verdict=verdict)
+        judged = replace(self, verdict=verdict)
+        judged._nets.update(self._nets)  # same model, same fast copies
+        return judged
 
     def to(self, device: str | torch.device) -> Scorer:
+        """This scorer with its model on ``device`` (``nn.Module.to`` moves this scorer's model too)."""
         return replace(self, model=self.model.to(device))
+
+    # -- inference ----------------------------------------------------------------------------
+    def inference_net(self, *, channels_last: bool = True, subpixel: bool = True) -> nn.Module:
+        """The fast copy of the model that scoring runs (:func:`fast_module`), made once per layout.
+
+        Two threads asking at once may each make one; the first stored is used by all, and the
+        copies are only read, so no lock is needed.
+        """
+        key = (channels_last, subpixel)
+        if key not in self._nets:
+            self._nets.setdefault(key, fast_module(self.model, channels_last=channels_last, subpixel=subpixel))
+        return self._nets[key]
+
+    def predict_packed(self, maps: packed.PackedMaps, *, channels_last: bool = True, subpixel: bool = True,
+                       **speed: Any) -> np.ndarray:
+        """uint8 network labels laid out like ``maps.data`` (0 off fail dies; no shape rules).
+
+        ``speed``: batch_size, max_batch_pixels, device, bf16, num_threads as
+        :func:`fcn_core.inference.packed.label_packed`; padding is the scorer's.
+        """
+        net = self.inference_net(channels_last=channels_last, subpixel=subpixel)
+        return packed.label_packed(net, maps, channels_last=channels_last, multiple=self.pad_multiple,
+                                   fixed=self.pad_fixed, **speed)
+
+    def predict_maps(self, die_maps: Sequence[np.ndarray], **speed: Any) -> list[np.ndarray]:
+        """The network's uint8 label map of each die map, in input order (no shape rules)."""
+        maps = packed.pack_maps(die_maps)
+        return maps.unpack(self.predict_packed(maps, **speed))
+
+    def shaped_maps(self, pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *,
+                    inplace: bool = False) -> list[np.ndarray]:
+        """The maps after the verdict's shape rules: what the products show and count."""
+        return shaped_maps(pred_maps, die_maps, class_names=self.class_names, verdict=self.verdict, inplace=inplace)
+
+    def fail_die_counts(self, pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *,
+                        shaped: bool = False) -> np.ndarray:
+        """(N, n_classes) fail dies per class after the shape rules (``shaped``: already applied)."""
+        maps = pred_maps if shaped else self.shaped_maps(pred_maps, die_maps)
+        return count_fail_dies(maps, die_maps, n_classes=self.n_classes)
+
+    def verdicts(self, pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *,
+                 shaped: bool = False) -> WaferVerdicts:
+        """Per-wafer verdicts of predicted maps (``shaped``: the shape rules are already applied)."""
+        dies = self.fail_die_counts(pred_maps, die_maps, shaped=shaped)
+        return verdicts_from_counts(dies, class_names=self.class_names, verdict=self.verdict)
+
+    def score_table(self, table: pa.Table, *, model_name: str, model_version: str,
+                    extra: dict[str, str] | None = None, **speed: Any) -> pa.Table:
+        """The predictions table of a valid wafer table (:mod:`fcn_core.inference.products`).
+
+        ``speed`` as :meth:`predict_packed`. The shape rules edit the flat label buffer through
+        per-map views, so ``pred_map`` shows what the ``dies_*`` columns count.
+        """
+        maps = packed.packed_column(table, "die_map")
+        labels = self.predict_packed(maps, **speed)
+        if self.verdict.min_elongation_by_class:
+            self.shaped_maps(maps.unpack(labels), maps.unpack(), inplace=True)
+        dies = count_fail_dies(labels, maps.data, n_classes=self.n_classes, sizes=maps.sizes)
+        verdicts = verdicts_from_counts(dies, class_names=self.class_names, verdict=self.verdict)
+        return products.predictions_table(table, maps, labels, verdicts, class_names=self.class_names,
+                                          model_name=model_name, model_version=model_version, extra=extra)
+
+    def calibrated(self, die_maps: Sequence[np.ndarray], dataset_labels: Sequence[str | None], *, source: str,
+                   **speed: Any) -> tuple[Scorer, float]:
+        """This scorer with verdict thresholds fitted to labelled maps, and their macro-F1 there.
+
+        Thresholds are fitted to what will be counted: the maps after this scorer's shape rules,
+        which stay as they are (:func:`fcn_core.verdicts.calibrate_verdict`). Calibrate on maps the
+        score will not be reported on.
+        """
+        preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True)
+        verdict, f1 = calibrate_verdict(self.fail_die_counts(preds, die_maps, shaped=True), dataset_labels,
+                                        class_names=self.class_names, source=source,
+                                        min_elongation_by_class=self.verdict.min_elongation_by_class)
+        return self.with_verdict(verdict), f1
 
     # -- bundles ------------------------------------------------------------------------------
     def to_bundle(self) -> dict[str, Any]:
@@ -107,13 +198,22 @@ class Scorer:
         return cls(model=model.to(device).eval(), verdict=verdict, cfg=cfg)
 
 
+def scorer_from_checkpoint(path: str | os.PathLike, *, verdict: VerdictConfig | None = None,
+                           device: str | torch.device = "cpu") -> Scorer:
+    """The scorer of a training checkpoint: its model and config, judged by ``verdict``
+    (default: the checkpoint config's own verdict rules)."""
+    from fcn_core.checkpoint import load_model  # lazy: the models module is the heavy part
+
+    model, cfg = load_model(path, device=device)
+    return Scorer(model=model, verdict=cfg.verdict if verdict is None else verdict, cfg=cfg)
+
+
 def save_scorer(scorer: Scorer, path: str | os.PathLike) -> Path:
     """Write ``scorer`` as a bundle atomically (a crash mid-write leaves any previous file intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(scorer.to_bundle(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(scorer.to_bundle(), tmp)
     return path
 
 

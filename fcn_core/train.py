@@ -27,7 +27,7 @@ from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies, p
 from fcn_core.evaluate import evaluate
 from fcn_core.models import build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
-from fcn_core.predict import autocast_for, resolve_device
+from fcn_core.inference.runtime import autocast_for, resolve_device
 from fcn_core.stages import FINETUNE, STAGES
 
 __all__ = ["FINETUNE", "STAGES"]  # re-exported: flows, bench and launch import them from here

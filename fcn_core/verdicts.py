@@ -11,6 +11,7 @@ project's pattern names so verdicts can be scored (``verdict_scores``, ``real_ev
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ def verdict_labels(class_names: Sequence[str]) -> list[str]:
 
 
 # -- verdicts -----------------------------------------------------------------------------------
+def dies_column(class_name: str) -> str:
+    """The column of a class's fail dies in verdict and predictions tables: 'Local-Zone' -> 'dies_local_zone'."""
+    return "dies_" + re.sub(r"\W+", "_", class_name.strip().lower())
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One wafer's verdict (a row of ``WaferVerdicts``)."""
@@ -128,9 +134,7 @@ class WaferVerdicts:
 
     def columns(self) -> dict[str, list]:
         """Column name -> values, ready for ``pa.table`` or ``pd.DataFrame`` (``dies_<class>``, …)."""
-        out: dict[str, list] = {
-            f"dies_{name.replace(' ', '_')}": self.dies[:, k].tolist() for k, name in enumerate(self.class_names)
-        }
+        out: dict[str, list] = {dies_column(name): self.dies[:, k].tolist() for k, name in enumerate(self.class_names)}
         out["fail_dies"] = self.fail_dies.tolist()
         out["dominant_pattern"] = list(self.dominant_pattern)
         out["dominant_share"] = self.dominant_share.tolist()
@@ -169,25 +173,40 @@ def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdic
     return WaferVerdicts(list(class_names), dies, fail, dominant, dominant_share, present_lists)
 
 
-def count_fail_dies(pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *, n_classes: int) -> np.ndarray:
-    """(N, n_classes) fail dies per predicted class: one bincount over all wafers at once."""
-    if len(pred_maps) != len(die_maps):
-        raise ValueError(f"{len(pred_maps)} prediction maps but {len(die_maps)} die maps")
-    picked, owners = [], []
-    for i, (pred, die) in enumerate(zip(pred_maps, die_maps)):
-        if pred.shape != die.shape:
-            raise ValueError(f"wafer {i}: prediction {pred.shape} and die map {die.shape} differ in shape")
-        on_fail = pred[die == FAIL]
-        picked.append(on_fail)
-        owners.append(np.full(on_fail.size, i, dtype=np.int64))
-    if not picked:
-        return np.zeros((0, n_classes), dtype=np.int64)
-    labels = np.concatenate(picked).astype(np.int64)
+def count_fail_dies(
+    pred_maps: Sequence[np.ndarray] | np.ndarray,
+    die_maps: Sequence[np.ndarray] | np.ndarray,
+    *,
+    n_classes: int,
+    sizes: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, n_classes) fail dies per predicted class: one bincount over all wafers at once.
+
+    The maps are two sequences of (h, w) arrays, or, with ``sizes`` (dies per map, (N,)), two flat
+    buffers holding the maps one after the other (the packed layout of a table's map column).
+    """
+    if sizes is None:
+        if len(pred_maps) != len(die_maps):
+            raise ValueError(f"{len(pred_maps)} prediction maps but {len(die_maps)} die maps")
+        for i, (pred, die) in enumerate(zip(pred_maps, die_maps)):
+            if np.shape(pred) != np.shape(die):
+                raise ValueError(f"wafer {i}: prediction {np.shape(pred)} and die map {np.shape(die)} differ in shape")
+        sizes = np.fromiter((np.size(p) for p in pred_maps), np.int64, count=len(pred_maps))
+        pred = np.concatenate([np.ravel(p) for p in pred_maps]) if len(pred_maps) else np.zeros(0, np.uint8)
+        die = np.concatenate([np.ravel(d) for d in die_maps]) if len(die_maps) else np.zeros(0, np.uint8)
+    else:
+        sizes, pred, die = np.asarray(sizes, np.int64), np.ravel(pred_maps), np.ravel(die_maps)
+        if not pred.size == die.size == int(sizes.sum()):
+            raise ValueError(f"flat maps of {pred.size} predictions and {die.size} dies do not hold maps of "
+                             f"{int(sizes.sum())} dies in all")
+    fail = np.flatnonzero(die == FAIL)
+    labels = pred[fail].astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"predicted class ids on fail dies must lie in 0..{n_classes - 1}, "
                          f"found {labels.min()}..{labels.max()}")
-    flat = np.concatenate(owners) * n_classes + labels
-    return np.bincount(flat, minlength=len(pred_maps) * n_classes).reshape(len(pred_maps), n_classes)
+    owner = np.searchsorted(np.cumsum(sizes), fail, side="right")  # the map each fail die lies in
+    n = len(sizes)
+    return np.bincount(owner * n_classes + labels, minlength=n * n_classes).reshape(n, n_classes)
 
 
 def shaped_maps(
@@ -226,12 +245,6 @@ def wafer_verdicts(
     shaped = shaped_maps(pred_maps, die_maps, class_names=class_names, verdict=verdict)
     dies = count_fail_dies(shaped, die_maps, n_classes=len(class_names))
     return verdicts_from_counts(dies, class_names=class_names, verdict=verdict)
-
-
-def model_verdict(model: object, cfg_verdict: VerdictConfig) -> VerdictConfig:
-    """The thresholds to judge ``model``'s segmentations with: its own calibrated ones, if it has them."""
-    own = getattr(model, "verdict", None)
-    return own if isinstance(own, VerdictConfig) else cfg_verdict
 
 
 CALIBRATION_MIN_DIES = (1, 3, 5, 8, 12, 20)
@@ -294,7 +307,7 @@ def calibrate_verdict(
 
 # -- scores ---------------------------------------------------------------------------------------
 def verdict_scores(true_patterns: Sequence[str], pred_patterns: Sequence[str], *, labels: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix.
+    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix (computed by sklearn).
 
     ``confusion[i][j]`` counts wafers whose true label is ``labels[i]`` and verdict ``labels[j]``.
     A ratio with a zero denominator (no wafer of a label, or none predicted) is 0.0, and macro-F1
@@ -310,21 +323,21 @@ def verdict_scores(true_patterns: Sequence[str], pred_patterns: Sequence[str], *
     unknown = sorted({x for x in (*true_patterns, *pred_patterns) if x not in index})
     if unknown:
         raise ValueError(f"labels {unknown} are not among {labels}")
-    k = len(labels)
-    t = np.fromiter((index[x] for x in true_patterns), dtype=np.int64, count=len(true_patterns))
-    p = np.fromiter((index[x] for x in pred_patterns), dtype=np.int64, count=len(pred_patterns))
-    cm = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # lazy: a heavy import
 
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    k = len(labels)
+    if len(true_patterns):
+        cm = confusion_matrix(true_patterns, pred_patterns, labels=labels)
+        precision, recall, f1, support = precision_recall_fscore_support(true_patterns, pred_patterns, labels=labels,
+                                                                         zero_division=0.0)
+    else:  # sklearn refuses empty input; no wafer scores zero everywhere
+        cm, support = np.zeros((k, k), np.int64), np.zeros(k, np.int64)
+        precision = recall = f1 = np.zeros(k)
+    predicted = cm.sum(axis=0)
     n = int(cm.sum())
     return {
         "n": n,
-        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "accuracy": float(np.trace(cm) / n) if n else 0.0,
         "macro_f1": float(f1.mean()),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
@@ -362,14 +375,9 @@ class RealEvalReport:
 
 
 def _markdown_table(df: pd.DataFrame, *, index_name: str) -> str:
-    def fmt(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    header = [index_name, *map(str, df.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx), *(fmt(v) for v in row.tolist())]) + " |")
-    return "\n".join(lines)
+    """``df`` as Markdown: floats to 3 decimals, missing values blank."""
+    shown = df.astype(object).where(df.notna(), None).rename_axis(index=index_name, columns=None)
+    return shown.to_markdown(floatfmt=".3f", missingval="")
 
 
 def real_eval_report(
@@ -422,13 +430,12 @@ def real_eval_report(
     by_raw["hit_rate"] = hits.groupby(pd.Series(raw_kept)).mean().reindex(by_raw.index).to_numpy()
     by_raw = by_raw.sort_values("n", ascending=False)
 
-    shown = table.set_index("label").astype(object).where(table.set_index("label").notna(), "")
     excluded_text = ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())) or "none"
     markdown = "\n\n".join([
         f"### {title}",
         f"{scores['n']} wafers scored: accuracy **{scores['accuracy']:.3f}**, macro-F1 "
         f"**{scores['macro_f1']:.3f}** over {', '.join(labels)}. Left out: {excluded_text}.",
-        _markdown_table(shown, index_name="label"),
+        _markdown_table(table.set_index("label"), index_name="label"),
         "Confusion (rows: mapped dataset label, columns: verdict):",
         _markdown_table(confusion, index_name="true \\ verdict"),
         "By original dataset label:",

@@ -391,7 +391,7 @@ def predict(
     'none') and its share, model_name, model_version. Invalid rows are reported, not scored.
     Uses the same code as the nightly-inference flow and the same tracking store as `make demo`.
     """
-    from fcn_core.predict import resolve_device, score_table
+    from fcn_core.inference.runtime import resolve_device
     from fcn_core.validate import validate_table
     from tracking.registry import load_scorer_uri
     from tracking.store import StoreError
@@ -411,12 +411,9 @@ def predict(
         scorer, name, version = load_scorer_uri(uri, tracking_uri=cfg.tracking_uri, device=str(dev))
     except (LookupError, FileNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc))
-    if scorer.verdict.calibrated_on:  # calibrated rules travel with the model (as before the Scorer)
-        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
-    net = scorer.model
     with console.status(f"scoring {result.n_valid:,} wafers with {name} v{version} on {dev}"):
-        scored = score_table(net, result.valid, cfg=cfg, model_name=name, model_version=str(version),
-                             batch_size=batch_size, device=dev, num_threads=threads)
+        scored = scorer.score_table(result.valid, model_name=name, model_version=str(version),
+                                    batch_size=batch_size, device=dev, num_threads=threads)
     write_output(scored, dest)
     patterns = scored.column("dominant_pattern").value_counts().to_pylist()
     console.print(_pattern_table(patterns))

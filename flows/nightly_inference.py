@@ -24,13 +24,14 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from fcn_core.config import Config
+from fcn_core.inference.runtime import resolve_device
 from fcn_core.ingest import list_partitions
 from fcn_core.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
 from fcn_core.watermark import WATERMARK_NAME, Watermark
 from flows.params import NightlyParams
 from flows.steps import ingest_drops
 from tasks.runtime import make_task_runner
-from tasks.scoring import file_exists, part_files, predictions_path, remember_model, score_partition
+from tasks.scoring import file_exists, part_files, predictions_path, remember_scorer, score_partition
 from tracking import registry
 from tracking.store import reader
 
@@ -95,13 +96,12 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     curated_root = params.curated_root or str(cfg.home_dir / "curated")
     out_root = str(predictions_root(cfg))
     try:
-        scorer, name, version = registry.load_champion(cfg)
+        # on the device score_partition runs on (the tasks share this scorer)
+        scorer, name, version = registry.load_champion(cfg, device=str(resolve_device(cfg.train.device)))
     except registry.NoChampionError as exc:
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
-    if scorer.verdict.calibrated_on:  # the champion's calibrated rules judge tonight (as before the Scorer)
-        cfg = cfg.model_copy(update={"verdict": scorer.verdict})
-    remember_model(cfg.tracking_uri, name, version, scorer.model)
+    remember_scorer(cfg.tracking_uri, name, version, scorer)
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
         log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],

@@ -28,7 +28,8 @@ from flows.params import TrainParams
 from flows.steps import ingest_drops
 from tasks.data import snapshot_splits, synthesise_drop
 from tasks.runtime import ensure_concurrency_limit
-from tasks.training import calibrate_task, evaluate_stages, prepare_real_task, register_task, train_stage_task
+from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, register_task, scorer_task,
+                            train_stage_task)
 from tracking import provenance, runs
 from tracking.store import open_store
 
@@ -94,10 +95,11 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
             results[stage] = train_stage_task(
                 config=cfg.to_dict(), stage=stage, train_path=train_path, val_path=paths["val"],
                 out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
-            if stage in calibrated:
-                results[stage]["best_checkpoint"] = calibrate_task(
-                    config=cfg.to_dict(), checkpoint=results[stage]["best_checkpoint"],
-                    real_path=paths["real_finetune"], stage_run_id=stage_run)
+            best = results[stage]["best_checkpoint"]  # the next stage starts from it, never from a calibrated copy
+            results[stage]["scorer"] = (  # what is evaluated and registered: the model and its verdict rules
+                calibrate_task(config=cfg.to_dict(), checkpoint=best, real_path=paths["real_finetune"],
+                               stage_run_id=stage_run)
+                if stage in calibrated else scorer_task(config=cfg.to_dict(), checkpoint=best))
             status = "FINISHED"
         finally:
             runs.end_run(client, stage_run, status)
@@ -148,12 +150,12 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
             real_stages = list(dict.fromkeys([chosen, stages_to_train(cfg)[-1], FINETUNE] if FINETUNE in results
                                              else [chosen]))
             evaluation = evaluate_stages(
-                config=cfg.to_dict(), checkpoints={s: r["best_checkpoint"] for s, r in results.items()},
+                config=cfg.to_dict(), scorers={s: r["scorer"] for s, r in results.items()},
                 test_path=paths["test"], out_dir=str(run_dir / "evaluation"),
                 histories=[h for r in results.values() for h in r["history"]], parent_run_id=parent,
                 model_stage=chosen, real_path=paths.get("real_holdout"), real_stages=real_stages)
             registration = register_task(
-                config=cfg.to_dict(), parent_run_id=parent, checkpoint=results[chosen]["best_checkpoint"],
+                config=cfg.to_dict(), parent_run_id=parent, scorer_path=results[chosen]["scorer"],
                 candidate_score=evaluation["scores"][chosen]["fail_only"]["mean_iu"], test_path=paths["test"])
         status = "FINISHED"
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import pandas as pd
 
 from fcn_core.config import DEFAULT_CLASSES, SynthConfig
 from fcn_core.metrics import segmentation_scores
@@ -40,12 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = [c.name for c in DEFAULT_CLASSES]
     table = generate_wafers(args.n, seed=args.seed, synth=SynthConfig())
-    print("| block | mean IU (fail dies) | " + " | ".join(names) + " |")
-    print("| ---: | ---: |" + " ---: |" * len(names))
+    rows = []
     for block in args.blocks:
         hist = sum(block_confusion(d, lab, block, len(names)) for d, lab in zip(die_maps(table), label_maps(table)))
         s = segmentation_scores(hist)
-        print(f"| {block} | {s['mean_iu']:.3f} | " + " | ".join(f"{v:.3f}" for v in s["iou"]) + " |")
+        rows.append([block, s["mean_iu"], *s["iou"]])
+    scores = pd.DataFrame(rows, columns=["block", "mean IU (fail dies)", *names])
+    print(scores.to_markdown(index=False, floatfmt=["g"] + [".3f"] * (len(names) + 1)))
 
 
 if __name__ == "__main__":

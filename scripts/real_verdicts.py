@@ -14,39 +14,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 
-from fcn_core.checkpoint import load_model
-from fcn_core.config import Config, VerdictConfig
+import pandas as pd
+
 from fcn_core.data import WaferSet
-from fcn_core.predict import predict_maps
+from fcn_core.scorer import scorer_from_checkpoint
 from fcn_core.table import read_parquet
-from fcn_core.verdicts import (calibrate_verdict, count_fail_dies, real_eval_report, shaped_maps, verdict_labels,
-                               verdicts_from_counts)
-
-
-def fail_die_counts(preds: list[np.ndarray], die: list[np.ndarray], cfg: Config, rule: VerdictConfig) -> np.ndarray:
-    shaped = shaped_maps(preds, die, class_names=cfg.class_names, verdict=rule)
-    return count_fail_dies(shaped, die, n_classes=cfg.n_classes)
+from fcn_core.verdicts import calibrate_verdict, real_eval_report, verdict_labels, verdicts_from_counts
 
 
 def score_model(checkpoint: Path, data_dir: Path) -> tuple[list[dict], list[str]]:
-    model, cfg = load_model(checkpoint)
+    scorer = scorer_from_checkpoint(checkpoint)
+    cfg = scorer.cfg
     rows = []
     parts = {}
     for part in ("real_finetune", "real_holdout"):
         table = read_parquet(data_dir / f"{part}.parquet")
         wafers = WaferSet.from_table(table)
-        preds = predict_maps(model, wafers.die, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-        parts[part] = (preds, wafers.die, table.column("wafer_label").to_pylist())
+        parts[part] = (scorer.predict_maps(wafers.die), wafers.die, table.column("wafer_label").to_pylist())
     labels = verdict_labels(cfg.class_names)
     for rules in (cfg.verdict.min_elongation_by_class, {}):
-        rule = cfg.verdict.model_copy(update={"min_elongation_by_class": dict(rules)})
-        cal_dies = fail_die_counts(*parts["real_finetune"][:2], cfg, rule)
+        judge = scorer.with_verdict(cfg.verdict.model_copy(update={"min_elongation_by_class": dict(rules)}))
+        cal_dies = judge.fail_die_counts(*parts["real_finetune"][:2])
         calibrated, _ = calibrate_verdict(cal_dies, parts["real_finetune"][2], class_names=cfg.class_names,
                                           source="real_finetune.parquet", min_elongation_by_class=dict(rules))
-        hold_dies = fail_die_counts(*parts["real_holdout"][:2], cfg, rule)
-        for name, verdict in (("config", rule), ("calibrated", calibrated)):
+        hold_dies = judge.fail_die_counts(*parts["real_holdout"][:2])
+        for name, verdict in (("config", judge.verdict), ("calibrated", calibrated)):
             verdicts = verdicts_from_counts(hold_dies, class_names=cfg.class_names, verdict=verdict)
             scores = real_eval_report(parts["real_holdout"][2], verdicts.dominant_pattern, labels=labels).scores
             rows.append({"model": checkpoint.parent.name, "shape rule": _rule_text(rules), "thresholds": name,
@@ -75,11 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             rows += stage_rows
         else:
             print(f"skipped {stage}: no {checkpoint}")
-    print(f"| model | shape rule | thresholds | accuracy | macro-F1 | F1 {' / '.join(labels)} |")
-    print("| --- | --- | --- | ---: | ---: | --- |")
-    for r in rows:
-        print(f"| {r['model']} | {r['shape rule']} | {r['thresholds']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} "
-              f"| {r['f1']} |")
+    table = pd.DataFrame(rows, columns=["model", "shape rule", "thresholds", "accuracy", "macro_f1", "f1"])
+    table.columns = [*table.columns[:4], "macro-F1", f"F1 {' / '.join(labels)}"]
+    print(table.to_markdown(index=False, floatfmt=".3f"))
     print(f"\n{rows[0]['n'] if rows else 0} held-out wafers scored")
 
 

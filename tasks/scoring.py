@@ -3,7 +3,8 @@
 Output: ``<predictions_root>/date=YYYY-MM-DD/predictions.parquet``, written atomically. With
 ``action="append"`` only the partition's new part files are scored and added to the existing
 file, so no wafer is scored twice. The model is named by registry name and version (never passed
-as an object); each process loads it once and shares it between its task threads.
+as an object); each process loads its :class:`~fcn_core.scorer.Scorer` once and shares it between
+task threads: scoring only reads it, so sharing needs no lock.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-import torch
-from torch import nn
 
-from fcn_core.config import config_from_dict
-from fcn_core.predict import prepare_model, resolve_device, score_table
+from fcn_core.config import Config, config_from_dict
+from fcn_core.inference.runtime import resolve_device
+from fcn_core.scorer import Scorer
 from fcn_core.table import WAFER_COLUMNS, read_parquet, resolve_fs, write_parquet_atomic
+from tracking.registry import load_scorer_uri
 
 PREDICTIONS_FILE = "predictions.parquet"
 PARTITION_PREFIX = "date="
 
-_models: dict[tuple[str, str, str], nn.Module] = {}
-_models_lock = threading.Lock()
+_scorers: dict[tuple[str, str, str], Scorer] = {}
+_loading = threading.Lock()  # concurrent first uses wait for one load instead of loading N times
 
 
 def partition_dir(root: str, date: str) -> str:
@@ -56,33 +57,22 @@ def file_exists(path: str) -> bool:
     return fs.get_file_info(p).type == FileType.File
 
 
-def remember_model(tracking_uri: str, name: str, version: str, model: nn.Module) -> None:
-    """Seed this process's model cache (the flow already loaded the champion to check it exists)."""
-    with _models_lock:
-        _models[(tracking_uri, name, str(version))] = _shareable(model)
+def remember_scorer(tracking_uri: str, name: str, version: str, scorer: Scorer) -> None:
+    """Seed this process's scorer cache (the flow already loaded the champion to check it exists)."""
+    scorer.inference_net()  # make the fast copy once, before task threads share the scorer
+    with _loading:
+        _scorers[(tracking_uri, name, str(version))] = scorer
 
 
-def registered_model(tracking_uri: str, name: str, version: str, *, device: str = "cpu") -> nn.Module:
-    """``models:/name/version`` from this process's cache, loading it on first use."""
-    key = (tracking_uri, name, str(version))
-    with _models_lock:  # held while loading: concurrent tasks wait for one load, not N
-        if key not in _models:
-            from tracking.registry import load_scorer_uri
-
-            scorer, _, _ = load_scorer_uri(f"models:/{name}/{version}", tracking_uri=tracking_uri, device=device)
-            _models[key] = _shareable(scorer.model)
-        return _models[key]
-
-
-def _shareable(model: nn.Module) -> nn.Module:
-    """Eval mode and channels-last weights, set once before tasks share the model.
-
-    ``score_table`` would convert the weights in place on first use; two tasks doing that at once
-    let one run a batch with half-converted weights, which takes other kernels and, under bf16,
-    rounds differently: near-tied dies then get other labels than in a sequential run.
-    """
-    with torch.no_grad():
-        return prepare_model(model, channels_last=True, subpixel=False)
+def registered_scorer(cfg: Config, name: str, version: str, *, device: str = "cpu") -> Scorer:
+    """``models:/name/version`` of ``cfg``'s store as a scorer, from this process's cache (loaded on first use)."""
+    key = (cfg.tracking_uri, name, str(version))
+    with _loading:
+        if key not in _scorers:
+            scorer, _, _ = load_scorer_uri(f"models:/{name}/{version}", tracking_uri=cfg.tracking_uri, device=device)
+            scorer.inference_net()
+            _scorers[key] = scorer
+        return _scorers[key]
 
 
 @task(name="score-partition", task_run_name="score-{date}", cache_policy=NO_CACHE, retries=1,
@@ -94,14 +84,14 @@ def score_partition(*, config: dict, date: str, curated_root: str, parts: list[s
 
     ``action``: "full" rewrites the file from these parts; "append" adds them to the existing file.
     Rows are scored ``chunk_rows`` at a time (memory stays flat on big nights); inside a chunk
-    ``score_table`` batches wafers by padded size. ``run_ids`` become string columns (e.g.
+    ``Scorer.score_table`` batches wafers by padded size. ``run_ids`` become string columns (e.g.
     model_run_id, flow_run_id) so every prediction says where it came from.
     """
     if action not in ("full", "append"):
         raise ValueError(f"action must be 'full' or 'append', got {action!r}")
     cfg = config_from_dict(config)
     device = resolve_device(cfg.train.device)
-    model = registered_model(cfg.tracking_uri, model_name, model_version, device=str(device))
+    scorer = registered_scorer(cfg, model_name, model_version, device=str(device))
     folder = partition_dir(curated_root, date)
     scored, per_part = [], {}
     for name in parts:
@@ -109,8 +99,8 @@ def score_partition(*, config: dict, date: str, curated_root: str, parts: list[s
         per_part[name] = table.num_rows
         for start in range(0, table.num_rows, chunk_rows):
             chunk = table.slice(start, chunk_rows)
-            scored.append(score_table(model, chunk, cfg=cfg, model_name=model_name, model_version=str(model_version),
-                                      device=device, extra=run_ids, num_threads=1))
+            scored.append(scorer.score_table(chunk, model_name=model_name, model_version=str(model_version),
+                                             device=device, extra=run_ids, num_threads=1))
     new = pa.concat_tables(scored) if scored else None
     dest = predictions_path(predictions_root, date)
     if action == "append" and file_exists(dest):

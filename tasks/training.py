@@ -16,17 +16,16 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fcn_core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fcn_core.config import Config, config_from_dict
 from fcn_core.data import WaferSet
 from fcn_core.evaluate import (STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report,
                                write_report)
-from fcn_core.predict import predict_maps, resolve_device
+from fcn_core.inference.runtime import resolve_device
 from fcn_core.render import render_curves, render_wafers
+from fcn_core.scorer import SCORER_FILE, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
 from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic
 from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
-from fcn_core.verdicts import calibrate_verdict, count_fail_dies, model_verdict, shaped_maps
 from fcn_core.weak import holdout_mask, weak_label_table
 from tracking import runs
 from tracking.registry import register_model
@@ -99,27 +98,27 @@ def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
     return {"paths": paths, "counts": counts, "kept": report.kept, "dropped": report.dropped}
 
 
+@task(name="build-scorer", cache_policy=NO_CACHE)
+def scorer_task(*, config: dict, checkpoint: str) -> str:
+    """The scorer bundle of a trained stage judged by the config's verdict rules, beside its checkpoint."""
+    cfg = config_from_dict(config)
+    return str(save_scorer(scorer_from_checkpoint(checkpoint, verdict=cfg.verdict),
+                           Path(checkpoint).with_name(SCORER_FILE)))
+
+
 @task(name="calibrate-verdicts", cache_policy=NO_CACHE)
 def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_id: str) -> str:
     """Choose a model's verdict thresholds (min_dies, min_share, shared then per pattern) for the best
-    macro-F1 on the fine-tune part of the real maps (never the held-out ones); returns a checkpoint
-    that carries them."""
+    macro-F1 on the fine-tune part of the real maps (never the held-out ones); returns the path of
+    a scorer bundle with them, beside the checkpoint (which is left as it is)."""
     cfg = config_from_dict(config)
     device = resolve_device(cfg.train.device)
-    model, model_cfg = load_model(checkpoint, device=device)
     real = read_parquet(real_path)
-    wafers = WaferSet.from_table(real)
-    preds = predict_maps(model, wafers.die, device=device, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-    # thresholds are calibrated on what will be counted: the maps after the shape rules, which stay fixed
-    shape_rules = model_verdict(model, model_cfg.verdict)
-    preds = shaped_maps(preds, wafers.die, class_names=cfg.class_names, verdict=shape_rules, inplace=True)
-    dies = count_fail_dies(preds, wafers.die, n_classes=cfg.n_classes)
-    verdict, f1 = calibrate_verdict(dies, real.column("wafer_label").to_pylist(), class_names=cfg.class_names,
-                                    source=Path(real_path).name,
-                                    min_elongation_by_class=shape_rules.min_elongation_by_class)
-    state = load_checkpoint(checkpoint)
-    state["config"] = model_cfg.model_copy(update={"verdict": verdict}).to_dict()
-    dest = save_checkpoint(Path(checkpoint).with_name("calibrated.pt"), state)
+    scorer, f1 = scorer_from_checkpoint(checkpoint, device=device).calibrated(
+        WaferSet.from_table(real).die, real.column("wafer_label").to_pylist(), source=Path(real_path).name,
+        device=device)
+    dest = save_scorer(scorer, Path(checkpoint).with_name(SCORER_FILE))
+    verdict = scorer.verdict
     client = open_store(cfg)
     client.log_metric(stage_run_id, "calibration/macro_f1", f1)
     patterns = cfg.class_names[1:]
@@ -139,40 +138,41 @@ def _scores_dict(s: EvalScores) -> dict:
     return {"on_wafer": clean(s.on_wafer), "fail_only": clean(s.fail_only), "n_wafers": int(s.n_wafers)}
 
 
-def _overlay(cfg: Config, model, test: WaferSet, path: Path) -> Path:
+def _overlay(scorer: Scorer, test: WaferSet, path: Path, *, device) -> Path:
     """Die map | truth | prediction of the test wafers with the most fail dies (the informative ones)."""
     fails = np.array([int((d == FAIL).sum()) for d in test.die])
     pick = sorted(np.argsort(-fails, kind="stable")[:OVERLAY_WAFERS].tolist())
     wafers = test.subset(pick)
-    preds = predict_maps(model, wafers.die, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
-    return render_wafers(wafers.die, path, classes=cfg.classes, label_maps=wafers.label, predictions=preds,
+    preds = scorer.predict_maps(wafers.die, device=device)
+    return render_wafers(wafers.die, path, classes=scorer.cfg.classes, label_maps=wafers.label, predictions=preds,
                          titles=wafers.wafer_ids, ncols=2)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str, out_dir: str,
+def evaluate_stages(*, config: dict, scorers: dict[str, str], test_path: str, out_dir: str,
                     histories: list[dict], parent_run_id: str, model_stage: str, real_path: str | None = None,
                     real_stages: list[str] | None = None) -> dict:
     """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
 
-    The overlay picture shows ``model_stage`` (the stage that will be registered). Real-map
-    verdicts are scored for ``real_stages`` (default: ``model_stage``) on ``real_path`` (default:
-    ``eval.real_data``; the held-out part when fine-tuning). Returns the per-stage scores, the
-    results rows, the written files and the real-map metrics.
+    ``scorers``: the scorer bundle of each stage. The overlay picture shows ``model_stage`` (the
+    stage that will be registered). Real-map verdicts are scored for ``real_stages`` (default:
+    ``model_stage``) on ``real_path`` (default: ``eval.real_data``; the held-out part when
+    fine-tuning). Returns the per-stage scores, the results rows, the written files and the
+    real-map metrics.
     """
     cfg = config_from_dict(config)
     client = open_store(cfg)
     device = resolve_device(cfg.train.device)
     test = _load_split(test_path)
     scores: dict[str, EvalScores] = {}
-    models = {}
-    for stage, ckpt in checkpoints.items():
-        models[stage], _ = load_model(ckpt, device=device)
-        scores[stage] = evaluate(models[stage], test, n_classes=cfg.n_classes, device=device,
-                                 multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
+    served = {stage: load_scorer(path, device=device) for stage, path in scorers.items()}
+    for stage, scorer in served.items():
+        scores[stage] = evaluate(scorer.model, test, n_classes=scorer.n_classes, device=device,
+                                 multiple=scorer.pad_multiple, fixed=scorer.pad_fixed)
     out = Path(out_dir)
     paths = write_report(scores, out, class_names=cfg.class_names)
-    paths["overlay"] = str(_overlay(cfg, models[model_stage].cpu(), test, out / f"test_overlay_{model_stage}.png"))
+    paths["overlay"] = str(_overlay(served[model_stage], test, out / f"test_overlay_{model_stage}.png",
+                                    device=device))
     if histories:
         paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
     real_source = real_path or cfg.eval.real_data_path()
@@ -181,7 +181,7 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
     for stage in real_stages if real_source else []:
         folder = out if len(real_stages) == 1 else out / f"real_{stage}"
         real_paths, real_by_stage[stage] = _evaluate_real_maps(
-            cfg, models[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
+            cfg, served[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
             title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
         paths.update(real_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in real_paths.items()})
     runs.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
@@ -199,7 +199,7 @@ def evaluate_stages(*, config: dict, checkpoints: dict[str, str], test_path: str
             "real": real_by_stage.get(model_stage, {}), "real_by_stage": real_by_stage}
 
 
-def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, device, source: str,
+def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, results_md: str, device, source: str,
                         title: str) -> tuple[dict[str, str], dict[str, float]]:
     """Wafer-level verdicts on real labelled maps, written to ``out`` and appended to results.md."""
     log = get_run_logger()
@@ -209,10 +209,10 @@ def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, devic
         # a seeded random sample: files are often sorted by label, so the first N would be one class
         pick = np.random.default_rng(0).choice(table.num_rows, cfg.eval.real_max_wafers, replace=False)
         table = table.take(np.sort(pick))
-    real = evaluate_real(model, table, cfg=cfg, device=device)
+    real = evaluate_real(scorer, table, device=device)
     paths = write_real_report(real, table, out, cfg=cfg)
     metrics = real.report.metrics(prefix="")
-    verdict = model_verdict(model, cfg.verdict)
+    verdict = scorer.verdict
     thresholds = (f"Verdict thresholds: {verdict.describe()} ("
                   + (f"calibrated on {verdict.calibrated_on}" if verdict.calibrated_on else "config") + ").")
     with open(results_md, "a") as md:
@@ -224,9 +224,9 @@ def _evaluate_real_maps(cfg: Config, model, out: Path, *, results_md: str, devic
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def register_task(*, config: dict, parent_run_id: str, checkpoint: str, candidate_score: float,
+def register_task(*, config: dict, parent_run_id: str, scorer_path: str, candidate_score: float,
                   test_path: str) -> dict:
-    """Log and register the scorer at ``checkpoint`` (a scorer bundle or a training checkpoint);
+    """Log and register the scorer bundle at ``scorer_path`` (its verdict rules go with it);
     ``champion`` moves only as ``fcn_core.promotion.decide`` says (at least the re-scored champion).
 
     Retried: it talks to the tracking server and the artifact store. A retry after a partial
@@ -241,7 +241,7 @@ def register_task(*, config: dict, parent_run_id: str, checkpoint: str, candidat
         return float(evaluate(scorer.model.to(device), test, n_classes=cfg.n_classes, device=device,
                               multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
 
-    result = register_model(cfg, client=client, run_id=parent_run_id, scorer_path=checkpoint,
+    result = register_model(cfg, client=client, run_id=parent_run_id, scorer_path=scorer_path,
                             candidate_score=candidate_score, rescore=rescore)
     log = get_run_logger()
     log.info("registered %s v%s as %s (candidate %.4f, champion %s): %s", result.name, result.version, result.alias,

@@ -350,3 +350,26 @@ def test_predict_cleans_temporary_files_of_killed_runs_beside_its_output(tmp_pat
     result = run("predict", src, tmp_path / "out" / "preds.parquet", "--model", tmp_path / "no-such-model.pt")
     assert result.exit_code == 1 and "Traceback" not in result.output  # no model: a clean error, after cleaning
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_predict_scores_valid_rows_with_a_scorer_file(tmp_path):
+    """`wafer-fcn predict --model scorer.pt`: the scorer's own calibrated rules, the same table as Scorer.score_table."""
+    import torch
+
+    from fcn_core.config import VerdictConfig, load_config
+    from fcn_core.models import build_fcn
+    from fcn_core.scorer import Scorer, save_scorer
+
+    cfg = load_config("tiny", {"home": str(tmp_path / "home")})
+    torch.manual_seed(0)
+    scorer = Scorer(build_fcn("fcn8s", n_classes=cfg.n_classes), VerdictConfig(min_dies=1, calibrated_on="x"), cfg)
+    bundle = save_scorer(scorer, tmp_path / "scorer.pt")
+    src = write(wafers(["a", "b", "c"], bad_ids=("b",)), tmp_path / "in.parquet")
+    result = run("predict", src, tmp_path / "out.parquet", "--model", bundle, "-c", "tiny",
+                 "--set", f"home={tmp_path / 'home'}", "--threads", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.column("wafer_id").to_pylist() == ["a", "c"] and "1 invalid" in result.output
+    valid = validate_table(pq.read_table(src), n_classes=cfg.n_classes).valid
+    want = scorer.score_table(valid, model_name=str(bundle), model_version="local", num_threads=1)
+    assert out.select(want.column_names).equals(want)

@@ -63,7 +63,10 @@ def test_report_files(wafers, tmp_path):
     names = ["background", "ring", "scratch", "local zone", "circle"]
     paths = write_report({"fcn32s": s, "fcn8s": s}, tmp_path, class_names=names)
     md = open(paths["results_md"]).read()
-    assert "| FCN-8s | 100.0 |" in md and "agrees with" in md
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| FCN-8s")]
+    scores, iou = rows  # the seed's table (on-wafer and fail-dies scores), then per-class IoU
+    assert scores[1] == "100.0" and len(scores) == 9 and len(iou) == 6 and "agrees with" in md
     assert open(paths["results_csv"]).read().startswith("model,")
     assert (tmp_path / "confusion_fcn8s.png").stat().st_size > 1000
     assert "FCN-32s" in results_markdown({"fcn32s": s}, class_names=names)

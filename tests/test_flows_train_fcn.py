@@ -198,13 +198,18 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     tuned_ids = set(read_parquet(tuned).column("wafer_id").to_pylist())
     assert held_ids and not held_ids & tuned_ids  # never trained on what is scored
     assert any(i.startswith("syn-11-") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
-    # the registered model carries the verdict thresholds calibrated on the fine-tune part
+    # the registered model is served with the verdict thresholds calibrated on the fine-tune part
+    from fcn_core.scorer import load_scorer
     from tracking.registry import load_champion
 
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
     scorer, _, version = load_champion(cfg)
     assert version == result["registered_version"]
-    assert scorer.verdict.calibrated_on == "real_finetune.parquet"
+    assert scorer.verdict.calibrated_on == "real_finetune.parquet" and not hasattr(scorer.model, "verdict")
+    # calibration wrote scorer bundles; the training checkpoints keep the config's rules
+    (tuned_ckpt,) = run_data.glob("*/checkpoints/finetune/best.pt")
+    assert load_scorer(tuned_ckpt.with_name("scorer.pt")).verdict.calibrated_on == "real_finetune.parquet"
+    assert not torch.load(tuned_ckpt, weights_only=True)["config"]["verdict"]["calibrated_on"]
     store = MlflowClient(tracking_uri=cfg.tracking_uri)
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
                                      filter_string="attributes.run_name = 'finetune'")

@@ -54,12 +54,9 @@ def score(bf16: bool, verdict_name: str) -> pa.Table:
     cfg = load_config("tiny")
     night = pq.read_table(DATA / "golden_night.parquet")
     verdict = cfg.verdict if verdict_name == "config" else CALIBRATED
-    from fcn_core.predict import score_table
+    from fcn_core.scorer import Scorer
 
-    model = golden_model()
-    if verdict_name != "config":
-        model.verdict = verdict
-    return score_table(model, night, cfg=cfg, model_name="golden", model_version="1", bf16=bf16)
+    return Scorer(golden_model(), verdict, cfg).score_table(night, model_name="golden", model_version="1", bf16=bf16)
 
 
 @pytest.mark.parametrize("bf16,verdict_name", list(GOLDEN))

@@ -6,14 +6,14 @@ import torch
 from fcn_core.config import SplitConfig, SynthConfig, load_config
 from fcn_core.ingest import ingest, list_partitions, read_curated
 from fcn_core.models import build_fcn
-from fcn_core.predict import prepare_model
+from fcn_core.scorer import Scorer
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps, write_parquet_atomic
 from tasks.scoring import (
     part_files,
     predictions_path,
-    registered_model,
-    remember_model,
+    registered_scorer,
+    remember_scorer,
     score_partition,
 )
 
@@ -34,7 +34,8 @@ def curated(tmp_path):
 def model_key(tmp_path):
     torch.manual_seed(0)
     uri = f"sqlite:///{tmp_path}/unused.db"
-    remember_model(uri, "wafer-fcn", "1", build_fcn("fcn8s", n_classes=5))
+    cfg = load_config("tiny", {"tracking.tracking_uri": uri})
+    remember_scorer(uri, "wafer-fcn", "1", Scorer(build_fcn("fcn8s", n_classes=5), cfg.verdict, cfg))
     return uri
 
 
@@ -84,16 +85,19 @@ def test_bad_action_is_rejected(prefect_harness, curated, model_key):
                            model_version="1", run_ids={})
 
 
-def test_registered_model_is_loaded_once_per_process(model_key):
-    assert registered_model(model_key, "wafer-fcn", "1") is registered_model(model_key, "wafer-fcn", "1")
+def test_registered_scorer_is_loaded_once_per_process(model_key):
+    cfg = load_config("tiny", {"tracking.tracking_uri": model_key})
+    assert registered_scorer(cfg, "wafer-fcn", "1") is registered_scorer(cfg, "wafer-fcn", "1")
 
 
-def test_a_shared_model_is_converted_once_before_tasks_use_it(model_key):
-    """Tasks scoring concurrently must never see half-converted weights (other kernels, other rounding)."""
-    model = registered_model(model_key, "wafer-fcn", "1")
-    assert not model.training
-    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    before = [w.data_ptr() for w in convs]
-    prepare_model(model, channels_last=True, subpixel=False)  # what score_table does on every call
-    assert [w.data_ptr() for w in convs] == before  # nothing left to convert: the weights stay put
+def test_a_shared_scorer_is_only_read_by_the_tasks(model_key):
+    """Tasks scoring concurrently share one fast copy made before they start; the model is never changed."""
+    cfg = load_config("tiny", {"tracking.tracking_uri": model_key})
+    scorer = registered_scorer(cfg, "wafer-fcn", "1")
+    net = scorer.inference_net()
+    convs = [m.weight for m in scorer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    before = [(w.data_ptr(), w.stride()) for w in convs]
+    table = generate_wafers(6, seed=3, synth=SYNTH)
+    scorer.score_table(table, model_name="wafer-fcn", model_version="1", num_threads=1)
+    assert scorer.inference_net() is net
+    assert [(w.data_ptr(), w.stride()) for w in convs] == before

@@ -16,8 +16,8 @@ from fcn_core.verdicts import (
     count_fail_dies,
     dataset_label_patterns,
     map_dataset_label,
+    dies_column,
     miss_examples,
-    model_verdict,
     real_eval_report,
     shaped_maps,
     verdict_labels,
@@ -108,6 +108,20 @@ def test_vectorised_counts_match_a_plain_loop() -> None:
     want = np.array([[int(((d == 2) & (p == k)).sum()) for k in range(5)] for d, p in zip(dies, preds)])
     np.testing.assert_array_equal(count_fail_dies(preds, dies, n_classes=5), want)
     assert count_fail_dies([], [], n_classes=5).shape == (0, 5)
+    # the same maps as flat buffers (a table column's layout) count the same
+    flat = count_fail_dies(np.concatenate([p.ravel() for p in preds]), np.concatenate([d.ravel() for d in dies]),
+                           n_classes=5, sizes=[d.size for d in dies])
+    np.testing.assert_array_equal(flat, want)
+    with pytest.raises(ValueError, match="do not hold maps"):
+        count_fail_dies(preds[0].ravel(), dies[0].ravel(), n_classes=5, sizes=[dies[0].size + 1])
+
+
+def test_one_column_name_per_class() -> None:
+    assert dies_column("local zone") == dies_column("Local-Zone") == dies_column(" local-zone ") == "dies_local_zone"
+    names = ["background", "ring", "Local-Zone"]
+    v = verdicts_from_counts(counts([1, 2, 3]), class_names=names, verdict=VerdictConfig(min_dies=1))
+    assert list(v.columns())[:3] == ["dies_background", "dies_ring", "dies_local_zone"]
+    assert v.dominant_pattern == ["Local-Zone"]
 
 
 def test_verdict_inputs_are_checked() -> None:
@@ -166,6 +180,58 @@ def test_verdict_scores_hand_computed() -> None:
     assert (c["precision"], c["recall"], c["f1"], c["support"], c["predicted"]) == (0.0, 0.0, 0.0, 1, 0)
     assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert s["n"] == 5 and s["labels"] == ["a", "b", "c"]
+
+
+def _hand_written_scores(true: list[str], pred: list[str], labels: list[str]) -> dict:
+    """The project's own formulas before sklearn took over (the reference the new numbers must match)."""
+    index = {name: i for i, name in enumerate(labels)}
+    k = len(labels)
+    t = np.array([index[x] for x in true], np.int64)
+    p = np.array([index[x] for x in pred], np.int64)
+    cm = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    return {"cm": cm, "precision": precision, "recall": recall, "f1": f1, "support": support,
+            "predicted": predicted, "accuracy": tp.sum() / len(true)}
+
+
+def test_sklearn_scores_are_the_hand_written_ones() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        n = int(rng.integers(1, 300))
+        true = rng.choice(LABELS, n).tolist()
+        pred = [t if rng.random() < 0.6 else str(rng.choice(LABELS)) for t in true]
+        want, got = _hand_written_scores(true, pred, LABELS), verdict_scores(true, pred, labels=LABELS)
+        assert got["confusion"] == want["cm"].tolist() and got["accuracy"] == want["accuracy"]
+        per = got["per_label"]
+        for i, name in enumerate(LABELS):
+            assert (per[name]["precision"], per[name]["recall"]) == (want["precision"][i], want["recall"][i])
+            assert (per[name]["support"], per[name]["predicted"]) == (want["support"][i], want["predicted"][i])
+            # sklearn computes F1 as 2tp / (support + predicted): the same number up to the last bit
+            assert per[name]["f1"] == pytest.approx(want["f1"][i], rel=1e-15, abs=1e-15)
+        assert got["macro_f1"] == pytest.approx(want["f1"].mean(), rel=1e-15, abs=1e-15)
+    assert verdict_scores([], [], labels=LABELS)["macro_f1"] == 0.0
+
+
+def test_calibration_chooses_as_with_the_hand_written_scores(monkeypatch) -> None:
+    import fcn_core.verdicts as verdicts
+
+    rng = np.random.default_rng(5)
+    dies = rng.integers(0, 25, size=(120, len(CLASSES)))
+    labels = rng.choice(["None", "Edge-Ring", "Scratch", "Loc", "Center", "Near-full"], 120).tolist()
+    now = calibrate_verdict(dies, labels, class_names=CLASSES, source="s")
+
+    def reference(true, pred, *, labels):
+        s = _hand_written_scores(list(true), list(pred), list(labels))
+        return {"macro_f1": float(s["f1"].mean())}
+
+    monkeypatch.setattr(verdicts, "verdict_scores", reference)
+    before = calibrate_verdict(dies, labels, class_names=CLASSES, source="s")
+    assert now[0] == before[0] and now[1] == pytest.approx(before[1], rel=1e-15)
 
 
 def test_verdict_scores_perfect_and_unseen_label() -> None:
@@ -227,17 +293,6 @@ def test_calibration_picks_the_thresholds_with_the_best_macro_f1() -> None:
     verdicts = verdicts_from_counts(dies, class_names=CLASSES, verdict=best)
     assert verdicts.dominant_pattern == ["none"] * 4 + ["scratch"] * 2
     assert f1 == pytest.approx(real_eval_report(labels, verdicts.dominant_pattern, labels=LABELS).scores["macro_f1"])
-
-
-def test_a_model_with_calibrated_thresholds_is_judged_by_them() -> None:
-    class Model:
-        pass
-
-    default = VerdictConfig()
-    model = Model()
-    assert model_verdict(model, default) is default
-    model.verdict = VerdictConfig(min_dies=8, calibrated_on="x")
-    assert model_verdict(model, default).min_dies == 8
 
 
 def test_per_pattern_thresholds_override_the_shared_ones() -> None:

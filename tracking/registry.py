@@ -30,7 +30,7 @@ import yaml
 
 from fcn_core.config import Config
 from fcn_core.promotion import CHALLENGER, CHAMPION, ChampionState, Decision, decide
-from fcn_core.scorer import BUNDLE_FORMAT, NotAScorerError, Scorer, load_scorer, save_scorer
+from fcn_core.scorer import BUNDLE_FORMAT, NotAScorerError, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
 from tracking.store import (RetryingClient, StoreMissingError, local_artifact_path, reader, require_store,
                             retry_locked, sqlite_db_path)
 
@@ -79,18 +79,10 @@ def scorer_from_file(path: str | os.PathLike, *, device: str = "cpu") -> Scorer:
     try:
         return load_scorer(path, device=device)
     except NotAScorerError as refused:
-        from fcn_core.checkpoint import load_checkpoint
-        from fcn_core.config import config_from_dict
-        from fcn_core.models import fcn_from_arch
-
         try:
-            ckpt = load_checkpoint(path)  # weights_only=True: a pickle fails here too
-            cfg = config_from_dict(ckpt["config"])
-            model = fcn_from_arch(ckpt["arch"])
-            model.load_state_dict(ckpt["model"])
+            return scorer_from_checkpoint(path, device=device)
         except Exception:  # noqa: BLE001 - the bundle error says what was expected
             raise refused from None
-        return Scorer(model=model.to(device).eval(), verdict=cfg.verdict, cfg=cfg)
 
 
 def write_model_folder(scorer: Scorer, folder: str | os.PathLike, *, model_id: str = "", run_id: str = "") -> Path:

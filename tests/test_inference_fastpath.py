@@ -1,13 +1,13 @@
-"""The fast inference path of fcn_core.predict: packed maps, sub-pixel upsamplers, threads."""
+"""fcn_core.inference.fastpath: the fast copy of a network, sub-pixel upsamplers."""
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from torch import nn
 
+from fcn_core.inference.fastpath import (SubPixelConvTranspose2d, fast_module, one_hot_channels_last,
+                                         with_subpixel_upsamplers)
+from fcn_core.inference.packed import predict_maps
 from fcn_core.models import build_fcn
-from fcn_core.predict import (SubPixelConvTranspose2d, column_name, inference_view, intra_op_threads, pack_maps,
-                              packed_column, predict_maps, score_table)
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps
 
@@ -51,12 +51,57 @@ def test_subpixel_refuses_what_it_cannot_compute():
         SubPixelConvTranspose2d(nn.ConvTranspose2d(5, 5, 3, stride=2))
 
 
-def test_inference_view_shares_weights_and_leaves_the_model_alone():
+def _snapshot(model: nn.Module) -> dict:
+    """Values, storage and memory layout of every parameter, and the module types of the children."""
+    return {"params": {k: (v.detach().clone(), v.data_ptr(), v.stride(), v.requires_grad)
+                       for k, v in model.named_parameters()},
+            "children": {k: type(v) for k, v in model.named_children()}, "training": model.training}
+
+
+def _assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["children"] == before["children"] and after["training"] == before["training"]
+    for name, (value, ptr, stride, grad) in before["params"].items():
+        now, now_ptr, now_stride, now_grad = after["params"][name]
+        assert (now_ptr, now_stride, now_grad) == (ptr, stride, grad), name
+        assert torch.equal(now, value), name
+
+
+def test_fast_module_is_a_new_module_and_leaves_its_input_alone():
+    model = _confident_model().train()
+    before = _snapshot(model)
+    net = fast_module(model)
+    _assert_unchanged(model, before)
+    assert isinstance(model.upscore8, nn.ConvTranspose2d) and isinstance(net.upscore8, SubPixelConvTranspose2d)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.conv1_1.weight.data_ptr() != model.conv1_1.weight.data_ptr()  # its own weights
+    # and it computes the same function
+    x = one_hot_channels_last(torch.randint(0, 3, (2, 40, 40)))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model.eval()(x.contiguous()), rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_leaves_the_model_unchanged(table):
+    model = _confident_model().train()
+    before = _snapshot(model)
+    predict_maps(model, die_maps(table)[:6])
+    _assert_unchanged(model, before)
+
+
+def test_subpixel_view_shares_weights_and_leaves_the_model_alone():
     m = build_fcn("fcn8s", n_classes=5)
-    view = inference_view(m)
+    before = _snapshot(m)
+    view = with_subpixel_upsamplers(m)
+    _assert_unchanged(m, before)
     assert isinstance(view.upscore8, SubPixelConvTranspose2d) and isinstance(m.upscore8, nn.ConvTranspose2d)
-    assert view.upscore8.deconv is m.upscore8 and view.conv1_1 is m.conv1_1
-    assert inference_view(nn.Identity()).__class__ is nn.Identity
+    assert view.upscore8.deconv.weight is m.upscore8.weight and view.conv1_1.weight is m.conv1_1.weight
+    x = torch.randn(1, 3, 40, 40)
+    view(x).sum().backward()  # training through the view reaches the model's own weights
+    assert m.upscore8.weight.grad is not None and m.conv1_1.weight.grad is not None
+    identity = nn.Identity()
+    assert type(with_subpixel_upsamplers(identity)) is nn.Identity
 
 
 @pytest.mark.parametrize("geometry", ["aligned", "classic"])
@@ -64,7 +109,6 @@ def test_speed_options_do_not_change_fp32_answers(table, geometry):
     maps = die_maps(table)[:12]
     m = _confident_model(geometry=geometry)
     ref = predict_maps(m, maps, bf16=False, channels_last=False, subpixel=False)
-    m = _confident_model(geometry=geometry)
     fast = predict_maps(m, maps, bf16=False, max_batch_pixels=3 * 32 * 32)
     fail = np.concatenate([d[d == FAIL] for d in maps]).size
     diff = sum(int((a != b).sum()) for a, b in zip(ref, fast))
@@ -86,56 +130,3 @@ def test_predict_leaves_the_model_trainable(table):
     m.train()
     m(torch.zeros(2, 3, 32, 32)).sum().backward()  # no "inference tensors cannot be saved for backward"
     assert m.conv1_1.weight.grad is not None
-
-
-def test_packed_column_reads_sliced_and_chunked_columns(table):
-    for t in (table.slice(5, 17), pa.concat_tables([table.slice(0, 7), table.slice(30, 6)])):
-        packed = packed_column(t)
-        assert len(packed) == t.num_rows
-        for a, b in zip(packed.unpack(), die_maps(t)):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_score_table_pred_map_matches_predict_maps_on_a_slice(table):
-    from fcn_core.config import load_config
-
-    from fcn_core.verdicts import shaped_maps
-
-    part = table.slice(9, 13)
-    m = _confident_model()
-    preds = predict_maps(m, die_maps(part))
-    every = {"ring": 4.0, "scratch": 4.0, "local zone": 4.0, "circle": 4.0}
-    for rules in ({}, {"scratch": 4.0}, every):
-        cfg = load_config("tiny", {"verdict.min_elongation_by_class": rules})
-        out = score_table(m, part, cfg=cfg, model_name="m", model_version="1")
-        # pred_map is what the dies_* columns count: the network's map after the shape rules
-        shaped = shaped_maps(preds, die_maps(part), class_names=cfg.class_names, verdict=cfg.verdict)
-        for blob, pred in zip(out.column("pred_map").to_pylist(), shaped):
-            assert blob == pred.tobytes()
-        assert out.column("fail_dies").to_pylist() == [int((d == FAIL).sum()) for d in die_maps(part)]
-        for cid, name in enumerate(cfg.class_names[1:], start=1):
-            counted = [int(((p == cid) & (d == FAIL)).sum()) for p, d in zip(shaped, die_maps(part))]
-            assert out.column(column_name(name)).to_pylist() == counted
-        changed = sum(not np.array_equal(a, b) for a, b in zip(shaped, preds))
-        assert (changed > 0) == bool(rules)  # the rules did act on this model's maps
-
-
-def test_bad_die_maps_are_rejected(table):
-    m = build_fcn("fcn8s", n_classes=5)
-    with pytest.raises(ValueError, match="die states"):
-        predict_maps(m, [np.full((4, 4), 3, np.uint8)])
-    with pytest.raises(ValueError, match="2-D"):
-        pack_maps([np.zeros(4, np.uint8)])
-    short = table.slice(0, 2).set_column(5, "die_map", pa.array([b"\x01", b"\x02"], pa.binary()))
-    with pytest.raises(ValueError, match="expected"):
-        packed_column(short)
-
-
-def test_num_threads_is_scoped():
-    before = torch.get_num_threads()
-    with intra_op_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with pytest.raises(ValueError):
-        with intra_op_threads(0):
-            pass

@@ -1,0 +1,28 @@
+"""fcn_core.inference.runtime: threads, devices, bf16 choice, class ids."""
+import pytest
+import torch
+
+from fcn_core.inference.runtime import class_ids, inference_bf16, intra_op_threads, resolve_device
+
+
+def test_num_threads_is_scoped():
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        with intra_op_threads(0):
+            pass
+
+
+def test_class_ids_are_argmax_with_the_first_maximum_on_ties():
+    logits = torch.randn(4, 5, 7, 9)
+    logits[:, 3] = logits[:, 1]  # exact ties between classes 1 and 3
+    torch.testing.assert_close(class_ids(logits), logits.argmax(1))
+
+
+def test_bf16_is_as_asked_and_on_by_default_on_cuda():
+    assert inference_bf16(torch.device("cpu"), False) is False
+    assert inference_bf16(torch.device("cpu"), True) is True
+    assert inference_bf16(torch.device("cuda"), None) is True
+    assert resolve_device("cpu") == torch.device("cpu")
