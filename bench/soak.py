@@ -17,7 +17,7 @@ nightly store), or reused with ``--model-home``. The flows report to a Prefect s
 starts on a free loopback port and stops at the end (also the killed run's, so no orphan).
 Prints totals and the elapsed time; exits 1 on the first failed check.
 
-    python bench/soak.py                      # 20 nights, about 6 minutes on 2 busy cores
+    python bench/soak.py                      # 20 nights: 191 s on the shared 2-core machine
     python bench/soak.py --nights 2 --kill-night 1 --model-home var/bench/soak-model
 """
 
@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                 files_at_kill = killed_nightly(store, source, env)
                 state = store.verify(valid=valid, repeated=repeated, complete=False, where=f"{where} after kill -9")
                 totals["killed_runs"] += 1
-                print(f"{where}: kill -9 with {files_at_kill}/{KILL_NIGHT_DATES} partition files written, "
-                      f"{state['predicted']}/{valid} wafers predicted")
                 pending = valid - state["watermarked"]  # a file written but not yet recorded is redone
+                print(f"{where}: kill -9 with {files_at_kill}/{KILL_NIGHT_DATES} partition files written, "
+                      f"{state['predicted']}/{valid} wafers predicted, {pending} not in the watermark (to score)")
             else:
                 pending = n_valid
             result = nightly(source)
