@@ -284,8 +284,8 @@ def test_two_nightly_runs_at_once_score_each_partition_once(trained: TeamStack, 
     predicted = assert_one_row_per_valid_wafer(trained.home)
     assert set(predicted) - before == set(night.column("wafer_id").to_pylist())
     # Each new partition scored by exactly one task run across both flow runs. This needs the nightly
-    # lock (issue #16 item 6, the "recovery" change): without it both runs plan the same partitions
-    # and this finds 6 task runs for 3 partitions.
+    # lock (issue #16 item 6, the "recovery" branch): without it both runs plan the same partitions
+    # and, when they overlap, this finds 5 or 6 task runs for 3 partitions (seen before the lock).
     scored = scoring_task_runs(trained.api, since)
     assert len(scored) == len(new_partitions), f"{len(scored)} partition scorings for {len(new_partitions)} " \
                                                f"partitions:\n" + "\n".join(outputs)
