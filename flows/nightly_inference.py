@@ -29,11 +29,14 @@ from flows.params import NightlyParams
 from flows.steps import ingest_drops
 from tasks import tracking
 from tasks.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
-from tasks.runtime import make_task_runner
+from tasks.runtime import file_lock, make_task_runner
 from tasks.scoring import file_exists, part_files, predictions_path, remember_model, score_partition
 from tasks.watermark import WATERMARK_NAME, Watermark
 
 __all__ = ["NightlyParams", "nightly_inference"]
+
+
+NIGHTLY_LOCK = ".nightly.lock"
 
 
 def predictions_root(cfg: Config) -> Path:
@@ -99,12 +102,20 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
         log.error("%s", exc)
         return Failed(message=str(exc))  # a clear failed state, not a traceback
     remember_model(cfg.tracking_uri, name, version, model)
+    # one nightly run per home at a time: ingest, the watermark's plan and its updates have one writer
+    with file_lock(Path(out_root) / NIGHTLY_LOCK, what="the other nightly run of this home", info=log.info):
+        return _ingest_and_score(cfg, params, curated_root=curated_root, out_root=out_root, name=name,
+                                 version=version)
+
+
+def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, out_root: str, name: str,
+                      version):
+    log = get_run_logger()
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
         log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],
                  ingested["rows_quarantined"])
     model_run_id = tracking.configure(cfg).get_model_version(name, version).run_id or ""
-
     watermark = Watermark.load(Path(out_root) / WATERMARK_NAME)
     dates = list_partitions(curated_root)
     if params.dates is not None:

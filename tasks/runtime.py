@@ -7,6 +7,8 @@ Prefect objects, so the flows stay readable.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +143,40 @@ def _renew_lease(lease_id, lease_seconds: float, stop: threading.Event) -> None:
                 client.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_seconds)
             except Exception as exc:  # a transient API error: the next renewal may still make it
                 log.warning("renewing the concurrency lease %s failed: %s", lease_id, exc)
+
+
+@contextmanager
+def file_lock(path: Path, *, what: str, info: Callable[[str], None] = log.info,
+              poll_seconds: float = 1.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing), saying once that we wait.
+
+    The kernel drops the lock when its holder dies, ``kill -9`` included: no stale lock to clean.
+    One host only (``flock`` on network file systems is not to be trusted).
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    holder = path.read_text().strip() or "another process"
+                    info(f"waiting for {what}: {path} is held by {holder}")
+                    waited = True
+                time.sleep(poll_seconds)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        if waited:
+            info(f"got {what}")
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def make_task_runner(
