@@ -13,8 +13,8 @@ What is tidied, all from the next training's start:
   already revoked it, so a slot is never freed twice).
 * MLflow: runs of the experiment still ``RUNNING`` whose ``wafer_fcn.host``/``wafer_fcn.pid`` tags
   name a dead process of this host are set ``KILLED``.
-* Prefect: ``train-fcn`` flow runs still ``RUNNING`` whose ``infrastructure_pid`` (``host:pid``, the
-  format Prefect's process worker uses; set by the flow itself for CLI runs) is dead become ``CRASHED``.
+* Prefect: ``train-fcn`` flow runs still ``RUNNING`` whose ``wafer_fcn.process=<host>:<pid>`` tag
+  (set by the flow itself at its start) names a dead process become ``CRASHED``.
 """
 
 from __future__ import annotations
@@ -156,20 +156,21 @@ def kill_dead_mlflow_runs(client, experiment_id: str) -> list[str]:
 
 
 # -- Prefect flow runs ------------------------------------------------------------------------------
-def process_pid_label() -> str:
-    """``host:pid``: the ``infrastructure_pid`` format of Prefect's process worker."""
-    return f"{this_host()}:{os.getpid()}"
+PROCESS_TAG_PREFIX = "wafer_fcn.process="
 
 
-def claim_flow_run(client, flow_run_id: UUID | str) -> None:
-    """Record this process on a flow run that has no infrastructure pid yet (CLI runs)."""
+def claim_flow_run(client, flow_run_id: UUID | str) -> str:
+    """Tag a flow run with ``wafer_fcn.process=<host>:<pid>`` of this process (the flow's own
+    process: a process worker's ``infrastructure_pid`` is a bare pid, with no host)."""
     run = client.read_flow_run(UUID(str(flow_run_id)))
-    if not run.infrastructure_pid:
-        client.update_flow_run(run.id, infrastructure_pid=process_pid_label())
+    tag = f"{PROCESS_TAG_PREFIX}{this_host()}:{os.getpid()}"
+    if tag not in run.tags:
+        client.update_flow_run(run.id, tags=[*run.tags, tag])
+    return tag
 
 
 def crash_dead_flow_runs(client, flow_name: str, *, exclude: set[str] = frozenset()) -> list[str]:
-    """Set ``CRASHED`` every RUNNING flow run of ``flow_name`` whose ``host:pid`` here is dead."""
+    """Set ``CRASHED`` every RUNNING flow run of ``flow_name`` whose tagged process here is dead."""
     from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
                                                 FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
@@ -180,11 +181,12 @@ def crash_dead_flow_runs(client, flow_name: str, *, exclude: set[str] = frozense
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
     crashed = []
     for run in runs:
-        if str(run.id) in exclude or not run.infrastructure_pid or ":" not in run.infrastructure_pid:
+        labels = [t.removeprefix(PROCESS_TAG_PREFIX) for t in run.tags if t.startswith(PROCESS_TAG_PREFIX)]
+        if str(run.id) in exclude or not labels:
             continue
-        host, _, pid = run.infrastructure_pid.rpartition(":")
+        host, _, pid = labels[-1].rpartition(":")
         if provably_dead({"host": host, "pid": pid}):
-            client.set_flow_run_state(run.id, Crashed(message=f"process {run.infrastructure_pid} died"), force=True)
+            client.set_flow_run_state(run.id, Crashed(message=f"process {labels[-1]} died"), force=True)
             crashed.append(str(run.id))
     if crashed:
         log.warning("marked %d %s flow run(s) of dead processes CRASHED: %s", len(crashed), flow_name,

@@ -3,6 +3,7 @@ again; and two ``wafer-fcn nightly`` at once over the same drop. Real processes,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -108,9 +109,10 @@ def test_the_rerun_marks_the_killed_runs_and_frees_the_gpu_slot(crashed_and_reru
     assert status["parent"] == status["fcn16s"] == "KILLED"
     assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-        states = dict(db.execute("select infrastructure_pid, state_type from flow_run").fetchall())
+        states = dict(db.execute("select tags, state_type from flow_run").fetchall())
         slots = db.execute("select active_slots from concurrency_limit_v2 where name = 'gpu-0'").fetchone()
-    assert states[f"{socket.gethostname()}:{r['first_pid']}"] == "CRASHED"
+    first = f"{recovery.PROCESS_TAG_PREFIX}{socket.gethostname()}:{r['first_pid']}"
+    assert [state for tags, state in states.items() if first in json.loads(tags)] == ["CRASHED"]
     assert sorted(states.values()) == ["COMPLETED", "CRASHED"]
     assert slots == (0,)
     assert not list((home / "prefect" / "wafer-fcn" / "slots" / "gpu-0").glob("*.json"))
