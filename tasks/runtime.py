@@ -71,8 +71,9 @@ def ensure_concurrency_limit(name: str, *, limit: int = 1) -> bool:
     return True
 
 
-class SlotWaitInterrupted(RuntimeError):
-    """Ctrl-C while waiting for a concurrency slot (nothing was acquired)."""
+class SlotWaitInterrupted(KeyboardInterrupt):
+    """Ctrl-C while waiting for a concurrency slot (nothing was acquired). A KeyboardInterrupt, so
+    Prefect marks the flow run CRASHED with one line ("aborted by an interrupt signal")."""
 
 
 @contextmanager
