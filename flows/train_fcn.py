@@ -114,8 +114,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
     cfg = _with_source(params.load(), params.source)
     home = cfg.home_dir
     curated_root = home / "curated"
-    client = tracking.configure(cfg)
-    recover_crashed_runs(client, cfg)
+    crash_killed_trainings()
     log.info("config %s, home %s", cfg.name, home)
 
     # data: drops -> curated store -> this run's frozen train/val/test snapshot
@@ -124,6 +123,8 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         drops_dir=str(home / "drops"))
     data = ingest_drops(cfg, source=source, curated_root=curated_root,
                         max_quarantined_share=params.max_quarantined_share)
+    client = tracking.configure(cfg)  # not before the data gate: a run that never trains tracks nothing
+    recovery.kill_dead_mlflow_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
     folder = recovery.RunFolder.claim(home / "runs", recovery.run_key(
         cfg.to_dict(), recovery.curated_fingerprint(str(curated_root))))
     try:
@@ -132,12 +133,12 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         folder.release()
 
 
-def recover_crashed_runs(client, cfg: Config) -> None:
-    """Tidy up after trainings killed on this host: their flow runs CRASHED, MLflow runs KILLED.
-    (Their GPU slots are released when this run asks for one.)"""
+def crash_killed_trainings() -> None:
+    """Tag this flow run with its process; set CRASHED the train-fcn runs killed on this host.
+    (Their MLflow runs become KILLED once the data gate passed, their GPU slots are released
+    when this run asks for one.)"""
     from prefect.client.orchestration import get_client
 
-    recovery.kill_dead_mlflow_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
     this_run = flow_run.get_id()
     with get_client(sync_client=True) as prefect:
         if this_run:
