@@ -96,14 +96,15 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     cfg = params.load()
     curated_root = params.curated_root or str(cfg.home_dir / "curated")
     out_root = str(predictions_root(cfg))
-    try:
-        model, name, version = tracking.load_champion(cfg)
-    except tracking.NoChampionError as exc:
-        log.error("%s", exc)
-        return Failed(message=str(exc))  # a clear failed state, not a traceback
-    remember_model(cfg.tracking_uri, name, version, model)
-    # one nightly run per home at a time: ingest, the watermark's plan and its updates have one writer
+    # one nightly run per home at a time: model load, ingest, the watermark's plan and its updates
+    # have one writer (two runs started together scored partitions twice)
     with file_lock(Path(out_root) / NIGHTLY_LOCK, what="the other nightly run of this home", info=log.info):
+        try:
+            model, name, version = tracking.load_champion(cfg)
+        except tracking.NoChampionError as exc:
+            log.error("%s", exc)
+            return Failed(message=str(exc))  # a clear failed state, not a traceback
+        remember_model(cfg.tracking_uri, name, version, model)
         return _ingest_and_score(cfg, params, curated_root=curated_root, out_root=out_root, name=name,
                                  version=version)
 
