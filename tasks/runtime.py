@@ -50,8 +50,8 @@ def ensure_concurrency_limit(name: str, *, limit: int = 1) -> bool:
     """Create the global concurrency limit ``name`` with ``limit`` slots unless it exists.
 
     An existing limit is left as an operator configured it. Returns True when it was created.
-    Without a limit ``prefect.concurrency.sync.concurrency`` only logs a warning and does not
-    wait, so two trainings would share a GPU; creating it here makes the default safe.
+    Without a limit Prefect grants every request (``concurrency`` only logs a warning), so two
+    trainings would share a GPU; creating it here makes the default safe.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
