@@ -439,20 +439,58 @@ def _prefect_env(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_HOME", str(cfg.home_dir / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # its SQLite lives here
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # leases on disk: a killed training's GPU slot can be released by a later start (tasks/recovery.py)
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+                          "prefect.server.concurrency.lease_storage.filesystem")
     import logging
 
     # MLflow's per-run INFO lines (system-metrics monitor start/stop, pickle advice) drown the results.
     logging.getLogger("mlflow").setLevel(logging.ERROR)
 
 
+def _temporary_api() -> None:
+    """Without a configured Prefect API, start a temporary server that dies with this process
+    (Prefect's own outlives a ``kill -9`` of the CLI); see tasks/prefect_server.py."""
+    import sys
+
+    if "prefect.context" in sys.modules:  # prefect already loaded (tests): its settings decide
+        from prefect.settings import get_current_settings
+
+        configured = get_current_settings().api.url
+    else:
+        from prefect.settings.models.root import Settings  # env + the profile in PREFECT_HOME
+
+        configured = Settings().api.url
+    if configured:
+        return
+    from tasks import prefect_server
+
+    try:
+        with console.status("starting a temporary Prefect server"):
+            server = prefect_server.start()
+    except RuntimeError as exc:
+        fail(str(exc))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
 def _run_flow(run) -> dict:
-    """Call a flow in this process; a failed flow becomes a one-line error, not a traceback."""
+    """Call a flow in this process; a failed flow becomes a one-line error, not a traceback, and
+    Ctrl-C ends it with one line and exit code 130."""
     from prefect.exceptions import FailedRun
+
+    from tasks.runtime import SlotWaitInterrupted
 
     try:
         return run()
     except FailedRun as exc:
         fail(str(exc))
+    except SlotWaitInterrupted as exc:
+        fail(str(exc), code=130)
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
 
 
 def _run_train(cfg_name: str, overrides: list[str], source: str | None) -> dict:
@@ -508,6 +546,7 @@ def train(
 
     cfg = command_config(ctx, config, overrides)
     _prefect_env(cfg)
+    _temporary_api()
     name, global_overrides = _config_name(ctx, config)
     t0 = time.perf_counter()
     result = _run_train(name, [*global_overrides, *(overrides or [])], source)
@@ -546,6 +585,7 @@ def nightly(
     """Run the nightly-inference flow here: score curated partitions not scored yet with the champion."""
     cfg = command_config(ctx, config, overrides)
     _prefect_env(cfg)
+    _temporary_api()
     name, global_overrides = _config_name(ctx, config)
     _print_nightly(_run_nightly(name, [*global_overrides, *(overrides or [])], source, task_runner))
 
@@ -570,6 +610,7 @@ def demo(
 
     cfg = command_config(ctx, config, overrides)
     _prefect_env(cfg)
+    _temporary_api()
     name, global_overrides = _config_name(ctx, config)
     all_overrides = [*global_overrides, *(overrides or [])]
     console.rule(f"[bold]1/3 train-fcn[/bold] (config {cfg.name}, home {cfg.home_dir})")

@@ -30,12 +30,15 @@ from fcn_core.nightly_summary import JumpRule, read_predictions, summarise_night
 from fcn_core.watermark import WATERMARK_NAME, Watermark
 from flows.params import NightlyParams
 from flows.steps import ingest_drops
-from tasks.runtime import make_task_runner
+from tasks.runtime import file_lock, make_task_runner
 from tasks.scoring import file_exists, part_files, predictions_path, remember_scorer, score_partition
 from tracking import registry
 from tracking.store import reader
 
 __all__ = ["NightlyParams", "nightly_inference"]
+
+
+NIGHTLY_LOCK = ".nightly.lock"
 
 
 def predictions_root(cfg: Config) -> Path:
@@ -95,19 +98,28 @@ def nightly_inference(params: NightlyParams = NightlyParams()):
     cfg = params.load()
     curated_root = params.curated_root or str(cfg.home_dir / "curated")
     out_root = str(predictions_root(cfg))
-    try:
-        # on the device score_partition runs on (the tasks share this scorer)
-        scorer, name, version = registry.load_champion(cfg, device=str(resolve_device(cfg.train.device)))
-    except registry.NoChampionError as exc:
-        log.error("%s", exc)
-        return Failed(message=str(exc))  # a clear failed state, not a traceback
-    remember_scorer(cfg.tracking_uri, name, version, scorer)
+    # one nightly run per home at a time: model load, ingest, the watermark's plan and its updates
+    # have one writer (two runs started together scored partitions twice)
+    with file_lock(Path(out_root) / NIGHTLY_LOCK, what="the other nightly run of this home", info=log.info):
+        try:
+            # on the device score_partition runs on (the tasks share this scorer)
+            scorer, name, version = registry.load_champion(cfg, device=str(resolve_device(cfg.train.device)))
+        except registry.NoChampionError as exc:
+            log.error("%s", exc)
+            return Failed(message=str(exc))  # a clear failed state, not a traceback
+        remember_scorer(cfg.tracking_uri, name, version, scorer)
+        return _ingest_and_score(cfg, params, curated_root=curated_root, out_root=out_root, name=name,
+                                 version=version)
+
+
+def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, out_root: str, name: str,
+                      version):
+    log = get_run_logger()
     if params.source:  # production rows are scored whatever their quality share: no gate here
         ingested = ingest_drops(cfg, source=params.source, curated_root=curated_root, max_quarantined_share=1.0)
         log.info("ingested %s: %d valid, %d quarantined rows", params.source, ingested["rows_valid"],
                  ingested["rows_quarantined"])
     model_run_id = reader(cfg.tracking_uri).get_model_version(name, version).run_id or ""
-
     watermark = Watermark.load(Path(out_root) / WATERMARK_NAME)
     dates = list_partitions(curated_root)
     if params.dates is not None:

@@ -8,17 +8,19 @@ MLflow: one parent run per flow run, a nested run per stage (ids passed into the
 a table artifact with the results table and a Markdown artifact linking the MLflow run.
 Training, evaluation and registration hold one slot of the global concurrency limit
 ``params.gpu_limit`` (created with one slot if missing): one training per GPU at a time.
+
+Crash recovery (``tasks.recovery``): the run folder is keyed by the config and the curated data,
+so re-running a killed training resumes its stages; the start releases GPU slots of dead holders
+and marks their MLflow runs KILLED and their flow runs CRASHED.
 """
 
 from __future__ import annotations
 
 import math
-import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from fcn_core.config import Config
@@ -26,8 +28,9 @@ from fcn_core.evaluate import STAGE_TITLES
 from fcn_core.train import FINETUNE, STAGES, stages_to_train
 from flows.params import TrainParams
 from flows.steps import ingest_drops
+from tasks import recovery
 from tasks.data import snapshot_splits, synthesise_drop
-from tasks.runtime import ensure_concurrency_limit
+from tasks.runtime import gpu_slot
 from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, register_task, scorer_task,
                             train_stage_task)
 from tracking import provenance, runs
@@ -89,6 +92,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
     init = None
     for stage in stages:
         stage_run = runs.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
+        recovery.tag_with_process(client, stage_run)
         status = "FAILED"
         try:
             train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
@@ -114,8 +118,8 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
     cfg = _with_source(params.load(), params.source)
     home = cfg.home_dir
     curated_root = home / "curated"
-    run_dir = home / "runs" / (flow_run.get_id() or uuid.uuid4().hex)
-    log.info("config %s, home %s, run folder %s", cfg.name, home, run_dir)
+    crash_killed_trainings()
+    log.info("config %s, home %s", cfg.name, home)
 
     # data: drops -> curated store -> this run's frozen train/val/test snapshot
     source = cfg.data.source or synthesise_drop(
@@ -123,6 +127,33 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         drops_dir=str(home / "drops"))
     data = ingest_drops(cfg, source=source, curated_root=curated_root,
                         max_quarantined_share=params.max_quarantined_share)
+    client = open_store(cfg)  # not before the data gate: a run that never trains tracks nothing
+    recovery.kill_dead_mlflow_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
+    folder = recovery.RunFolder.claim(home / "runs", recovery.run_key(
+        cfg.to_dict(), recovery.curated_fingerprint(str(curated_root))))
+    try:
+        return _train_in(folder, cfg, params, client=client, data=data)
+    finally:
+        folder.release()
+
+
+def crash_killed_trainings() -> None:
+    """Tag this flow run with its process; set CRASHED the train-fcn runs killed on this host.
+    (Their MLflow runs become KILLED once the data gate passed, their GPU slots are released
+    when this run asks for one.)"""
+    from prefect.client.orchestration import get_client
+
+    this_run = flow_run.get_id()
+    with get_client(sync_client=True) as prefect:
+        if this_run:
+            recovery.claim_flow_run(prefect, this_run)
+        recovery.crash_dead_flow_runs(prefect, "train-fcn", exclude={this_run} if this_run else set())
+
+
+def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, client, data: dict) -> dict:
+    log = get_run_logger()
+    run_dir, curated_root = folder.path, cfg.home_dir / "curated"
+    log.info("run folder %s%s", run_dir, " (resuming an interrupted training)" if folder.resumed else "")
     snap = snapshot_splits(curated_root=str(curated_root), out_dir=str(run_dir / "data"),
                            pad_multiple=cfg.data.pad_multiple, pad_fixed=cfg.data.pad_fixed)
     paths = dict(snap["paths"])
@@ -132,9 +163,10 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         paths["real_finetune"] = real["paths"]["real_finetune"]  # all real maps outside the holdout
         paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
 
-    client = open_store(cfg)
     parent = runs.start_parent_run(client, cfg, data_fingerprint=provenance.data_fingerprint(list(paths.values())))
     client.set_tag(parent, "prefect.flow_run_id", flow_run.get_id() or "")
+    client.set_tag(parent, "wafer_fcn.run_dir", str(run_dir))
+    recovery.tag_with_process(client, parent)
     for split, n in snap["counts"].items():
         client.log_metric(parent, f"data/{split}_wafers", n)
     client.log_metric(parent, "data/rows_quarantined", data["rows_quarantined"])
@@ -142,8 +174,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
     # GPU work: one training per GPU at a time
     status = "FAILED"
     try:
-        ensure_concurrency_limit(params.gpu_limit)
-        with concurrency(params.gpu_limit, occupy=1):
+        with gpu_slot(params.gpu_limit, flow_run_id=flow_run.get_id(), info=log.info):
             results = train_stages(cfg, client=client, parent=parent, paths=paths, run_dir=run_dir)
             chosen = choose_stage(results, prefer_finetune=cfg.train.finetune.candidate)
             # with fine-tuning, compare the last synthetic-only stage and the fine-tuned model on held-out real maps
@@ -160,6 +191,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
         status = "FINISHED"
     finally:
         runs.end_run(client, parent, status)
+    folder.complete(flow_run_id=flow_run.get_id(), mlflow_run_id=parent, registered_version=registration["version"])
 
     create_table_artifact(key="train-fcn-results", table=evaluation["rows"],
                           description=f"Test split scores per stage (MLflow run {parent})")
