@@ -73,12 +73,39 @@ def test_good_table_passes_unchanged():
     assert result.valid.column("die_map").to_pylist() == good.column("die_map").to_pylist()
 
 
-def test_every_reason_has_a_test_below():
-    assert set(REASONS) == {
-        "wafer_id_null", "wafer_id_duplicate", "size_out_of_range", "die_map_null", "die_map_length",
-        "die_map_values", "label_map_length", "label_map_values", "label_on_non_fail_die",
-        "captured_at_invalid", "captured_at_out_of_range",
-    }
+def _bad_label_row(good: pa.Table, *, on_state: int | None, label: int) -> dict:
+    """label_map for row 0: pattern 1 on its fail dies, ``label`` on the first die in ``on_state``."""
+    die = np.frombuffer(good.column("die_map")[0].as_py(), np.uint8)
+    labels = np.where(die == 2, 1, 0).astype(np.uint8)
+    labels[np.flatnonzero(die == (2 if on_state is None else on_state))[0]] = label
+    return {"label_map": labels.tobytes()}
+
+
+# one bad row per contract rule; a rule added to REASONS without an example here fails below
+BAD_ROW_BY_REASON = {
+    "wafer_id_null": lambda good: {"wafer_id": None},
+    "wafer_id_duplicate": lambda good: {"wafer_id": "W0003"},
+    "size_out_of_range": lambda good: {"height": 0},
+    "die_map_null": lambda good: {"die_map": None},
+    "die_map_length": lambda good: {"die_map": b"\x01" * 34},
+    "die_map_values": lambda good: {"die_map": b"\x03" * 35},
+    "label_map_length": lambda good: {"label_map": b"\x00" * 34},
+    "label_map_values": lambda good: _bad_label_row(good, on_state=None, label=N_CLASSES),
+    "label_on_non_fail_die": lambda good: _bad_label_row(good, on_state=1, label=2),
+    "captured_at_out_of_range": lambda good: {"captured_at": datetime(9999, 12, 31, tzinfo=timezone.utc)},
+}
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_every_reason_quarantines_a_row_that_breaks_its_rule(reason):
+    if reason == "captured_at_invalid":  # needs a text column: test_captured_at_invalid_strings
+        good = good_table(1)
+        loose = good.set_column(2, "captured_at", pa.array(["not a date"], pa.string()))
+        assert validate_table(loose, n_classes=N_CLASSES).counts == {reason: 1}
+        return
+    good = good_table()
+    assert reason in BAD_ROW_BY_REASON, f"quarantine reason {reason!r} has no example bad row in this file"
+    assert_only_bad_quarantined(with_bad_row(good, **BAD_ROW_BY_REASON[reason](good)), good, reason)
 
 
 @pytest.mark.parametrize("bad_id", [None, "", "   "])
