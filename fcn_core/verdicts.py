@@ -196,6 +196,8 @@ def patterns_strings(present: np.ndarray, pattern_names: Sequence[str]) -> list[
     present = np.asarray(present, dtype=bool)
     if present.ndim != 2 or present.shape[1] != len(pattern_names):
         raise ValueError(f"presence matrix has shape {present.shape}, expected (N, {len(pattern_names)})")
+    if any(PATTERN_SEPARATOR in n for n in pattern_names):
+        raise ValueError(f"pattern names {list(pattern_names)} must not contain {PATTERN_SEPARATOR!r}: it joins them")
     if not len(present):
         return []
     rows, which = np.unique(present, axis=0, return_inverse=True)

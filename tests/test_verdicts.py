@@ -391,6 +391,8 @@ def test_patterns_strings_checks_its_matrix() -> None:
     assert patterns_strings(np.zeros((0, 4), bool), CLASSES[1:]) == []
     with pytest.raises(ValueError, match="expected"):
         patterns_strings(np.zeros((2, 3), bool), CLASSES[1:])
+    with pytest.raises(ValueError, match="must not contain"):
+        patterns_strings(np.zeros((1, 2), bool), ["ring", "ring+scratch"])
 
 
 # -- multi-label scores ---------------------------------------------------------------------------------
