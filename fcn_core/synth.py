@@ -7,8 +7,14 @@ Model, top-down:
   rate and test night are drawn once per lot, as in a fab.
 - A **wafer** gets Bernoulli background fails (inner rate from a Poisson yield model, higher on the
   outermost dies), then either nothing more (clean, heavy-random or near-full: label ``none``) or
-  one to three patterns: ring (full/partial edge ring, donut), scratch (thin straight/curved lines
-  with gaps, branches), local zone (irregular blob at the edge or inside), circle (centre cluster).
+  one to three (four with the options) patterns: ring (full/partial edge ring, donut), scratch
+  (thin straight/curved lines with gaps, branches), local zone (irregular blob at the edge or
+  inside), circle (centre cluster).
+- Options widen this towards MixedWM38 and other sources (``SynthConfig``'s issue-#13 block,
+  ``BROAD_OPTIONS``): heavy random fails under patterns, thick rings, up to four patterns, a donut
+  and an edge ring (or both local zone kinds) on one wafer, scratches across rings, small and dense
+  centres, zones of every size. All are off by default, and off they draw no random number, so the
+  default config's wafers are exactly those it drew before they existed.
 - Only fail dies a pattern caused carry its class id; background fails stay 0. Patterns are drawn
   in the order ring, local zone, circle, scratch and a later one overwrites an earlier one's label
   on shared dies, so thin scratches stay continuous across a ring or a blob.
