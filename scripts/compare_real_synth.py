@@ -322,8 +322,8 @@ def mixed_main(args: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     ax = fig.add_subplot(bottom[2])
     counts = {name: pattern_counts(name, stats, labels) for name in ("real", "today default mix", "broad mix")}
-    for j, (name, c) in enumerate(counts.items()):
-        ax.bar(np.arange(5) + (j - 1) * 0.27, c, width=0.27, label=name)
+    for j, ((name, c), colour) in enumerate(zip(counts.items(), ("C0", "C2", "C1"))):  # as the other panels
+        ax.bar(np.arange(5) + (j - 1) * 0.27, c, width=0.27, color=colour, label=name)
     ax.set_xlabel("patterns per wafer (project classes)")
     ax.legend(fontsize=7)
     fig.suptitle("Real MixedWM38 maps (left) and the widened generator's maps of the same patterns (right)",
