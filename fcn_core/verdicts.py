@@ -625,6 +625,19 @@ def multilabel_scores(dataset_labels: Sequence[str | None], pred_patterns: Seque
     }
 
 
+def dataset_patterns_string(label: str | None, pattern_names: Sequence[str]) -> str | None:
+    """A dataset label as a ``patterns`` string ('Scratch+Center' -> 'scratch+circle' in class-id
+    order; 'None', 'Random' -> 'none'), None when excluded: compare it with the verdict's
+    ``patterns``, e.g. ``miss_examples(truth, verdicts.patterns)`` for pictures of typical misses."""
+    patterns = dataset_label_patterns(label)
+    if patterns is None:
+        return None
+    unknown = sorted(patterns - {NONE} - set(pattern_names))
+    if unknown:
+        raise ValueError(f"dataset label {label!r} means {unknown}, not among the pattern classes {list(pattern_names)}")
+    return PATTERN_SEPARATOR.join(n for n in pattern_names if n in patterns) or NONE
+
+
 def _pooled_share(part: np.ndarray, whole: np.ndarray) -> float:
     """sum(part) / sum(whole), NaN when there is nothing to share (no die to judge)."""
     total = int(np.sum(whole))

@@ -460,3 +460,15 @@ def test_multilabel_calibration_picks_per_pattern_thresholds() -> None:
     assert v.patterns == ["ring"] * 3 + ["none"] * 3 + ["ring+scratch"] * 3
     assert f1 == pytest.approx(multilabel_scores(labels, v.patterns, pattern_names=CLASSES[1:])["macro_f1"])
     assert best.calibrated_on == "s"
+
+
+def test_dataset_labels_as_patterns_strings() -> None:
+    from fcn_core.verdicts import dataset_patterns_string
+
+    names = CLASSES[1:]
+    assert dataset_patterns_string("Scratch+Center+Donut", names) == "ring+scratch+circle"
+    assert dataset_patterns_string("Donut+Edge-Ring", names) == "ring"
+    assert [dataset_patterns_string(x, names) for x in ("None", "Random", "Near-full", None)] == [
+        "none", "none", None, None]
+    assert miss_examples([dataset_patterns_string("Center+Loc", names)], ["circle"]) == [
+        ("local zone+circle", "circle", [0])]
