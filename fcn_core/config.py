@@ -91,7 +91,7 @@ class SynthConfig(_Strict):
     ring_thick_fraction: float = Field(0.0, ge=0, le=1, description="of edge rings (full and partial): thick bands")
     ring_thick_dies: tuple[float, float] = Field((2.0, 5.0), description="radial width of thick rings, in dies")
     double_ring_fraction: float = Field(
-        0.0, ge=0, le=1, description="of rings: the other kind too (a donut and an edge ring: MixedWM38 Donut+Edge-Ring)")
+        0.0, ge=0, le=1, description="of rings: the other kind too (donut and edge ring: MixedWM38 Donut+Edge-Ring)")
     double_local_fraction: float = Field(
         0.0, ge=0, le=1, description="of local zones: the other kind too (at the edge and inside: Edge-Loc+Loc)")
     scratch_cross_fraction: float = Field(

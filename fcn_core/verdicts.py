@@ -634,7 +634,8 @@ def dataset_patterns_string(label: str | None, pattern_names: Sequence[str]) -> 
         return None
     unknown = sorted(patterns - {NONE} - set(pattern_names))
     if unknown:
-        raise ValueError(f"dataset label {label!r} means {unknown}, not among the pattern classes {list(pattern_names)}")
+        raise ValueError(f"dataset label {label!r} means {unknown}, not among the pattern classes "
+                         f"{list(pattern_names)}")
     return PATTERN_SEPARATOR.join(n for n in pattern_names if n in patterns) or NONE
 
 

@@ -85,7 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", type=Path, default=None,
                     help=f"real wafer table (default: {REAL_VALIDATION_MAPS} in the real-data folder)")
-    ap.add_argument("--out", type=Path, default=None, help=f"picture (default {OUT.name}, {MIXED_OUT.name} with --mixed)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"picture (default {OUT.name}, {MIXED_OUT.name} with --mixed)")
     ap.add_argument("--per-label", type=int, default=4, help="maps per side and label")
     ap.add_argument("--n-synth", type=int, default=6000, help="synthetic wafers for the histograms")
     ap.add_argument("--seed", type=int, default=11)
@@ -278,7 +279,8 @@ def mixed_main(args: argparse.Namespace) -> None:
     args.real = args.real or settings().real_maps(MIXED_MAPS)
     args.out = args.out or MIXED_OUT
     if args.real is None or not args.real.exists():
-        raise SystemExit(f"MixedWM38 maps not found: {args.real or MIXED_MAPS} (set WAFER_FCN_REAL_DATA or pass --real)")
+        raise SystemExit(f"MixedWM38 maps not found: {args.real or MIXED_MAPS} "
+                         "(set WAFER_FCN_REAL_DATA or pass --real)")
     real = read_parquet(args.real)
     labels = np.array(real.column("wafer_label").to_pylist())
     maps = die_maps(real)
