@@ -81,11 +81,43 @@ class SynthConfig(_Strict):
     ring_partial_fraction: float = Field(0.3, ge=0, le=1, description="of rings: partial edge rings")
     ring_donut_fraction: float = Field(0.3, ge=0, le=1, description="of rings: donuts (rest: full edge rings)")
     local_edge_fraction: float = Field(0.55, ge=0, le=1, description="of local zones: at the edge (Edge-Loc)")
+    mixed_three_fraction: float = Field(0.15, ge=0, le=1, description="of mixed wafers: three patterns")
+    # -- widening towards MixedWM38 (issue #13, docs/synth.md): at these defaults all are off ---------
+    mixed_four_fraction: float = Field(0.0, ge=0, le=1, description="of mixed wafers: four patterns")
+    pattern_background_fraction: float = Field(
+        0.0, ge=0, le=1, description="of patterned wafers: heavy random fails under the patterns")
+    pattern_background_range: tuple[float, float] = Field(
+        (0.15, 0.3), description="uniform fail rate of those wafers' non-pattern dies, drawn per wafer in this range")
+    ring_thick_fraction: float = Field(0.0, ge=0, le=1, description="of edge rings (full and partial): thick bands")
+    ring_thick_dies: tuple[float, float] = Field((2.0, 5.0), description="radial width of thick rings, in dies")
+    double_ring_fraction: float = Field(
+        0.0, ge=0, le=1, description="of rings: the other kind too (donut and edge ring: MixedWM38 Donut+Edge-Ring)")
+    double_local_fraction: float = Field(
+        0.0, ge=0, le=1, description="of local zones: the other kind too (at the edge and inside: Edge-Loc+Loc)")
+    scratch_cross_fraction: float = Field(
+        0.0, ge=0, le=1, description="of scratches on a wafer with a ring: drawn right across the wafer and ring")
+    circle_small_fraction: float = Field(0.0, ge=0, le=1, description="of circles: small dense centre clusters")
+    circle_small_dies: tuple[float, float] = Field((1.5, 4.0), description="radius of small centres, in dies")
+    local_any_size_fraction: float = Field(
+        0.0, ge=0, le=1, description="of local zones: any size (inside: radius log-uniform over local_radius_range; "
+                                     "at the edge: up to half the rim long)")
+    local_radius_range: tuple[float, float] = Field(
+        (0.03, 0.45), description="radius range of those inner zones, in wafer radii (at least 1 die)")
+    dense_fraction: float = Field(
+        0.0, ge=0, le=1, description="of donuts, centres and local zones: solid (fill 0.9-1, no patches, arcs, halo)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SynthConfig":
         if self.size_min > self.size_max:
             raise ValueError(f"size_min {self.size_min} > size_max {self.size_max}")
+        if self.mixed_three_fraction + self.mixed_four_fraction > 1 + 1e-9:
+            raise ValueError("mixed_three_fraction + mixed_four_fraction must not exceed 1")
+        for name, (lo, hi), top in (("pattern_background_range", self.pattern_background_range, 1.0),
+                                    ("ring_thick_dies", self.ring_thick_dies, 64.0),
+                                    ("circle_small_dies", self.circle_small_dies, 64.0),
+                                    ("local_radius_range", self.local_radius_range, 1.0)):
+            if not 0 <= lo <= hi <= top:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high <= {top:g}, got ({lo}, {hi})")
         if self.random_fraction + self.near_full_fraction > 1 + 1e-9:
             raise ValueError("random_fraction + near_full_fraction must not exceed 1")
         if self.ring_partial_fraction + self.ring_donut_fraction > 1 + 1e-9:

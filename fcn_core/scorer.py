@@ -30,7 +30,14 @@ from fcn_core.atomic import atomic_write
 from fcn_core.config import Config, VerdictConfig, config_from_dict
 from fcn_core.inference import packed, products
 from fcn_core.inference.fastpath import fast_module
-from fcn_core.verdicts import WaferVerdicts, calibrate_verdict, count_fail_dies, shaped_maps, verdicts_from_counts
+from fcn_core.verdicts import (
+    WaferVerdicts,
+    calibrate_verdict,
+    calibrate_verdict_multilabel,
+    count_fail_dies,
+    shaped_maps,
+    verdicts_from_counts,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -147,17 +154,20 @@ class Scorer:
                                           model_name=model_name, model_version=model_version, extra=extra)
 
     def calibrated(self, die_maps: Sequence[np.ndarray], dataset_labels: Sequence[str | None], *, source: str,
-                   **speed: Any) -> tuple[Scorer, float]:
+                   multilabel: bool = False, **speed: Any) -> tuple[Scorer, float]:
         """This scorer with verdict thresholds fitted to labelled maps, and their macro-F1 there.
 
         Thresholds are fitted to what will be counted: the maps after this scorer's shape rules,
-        which stay as they are (:func:`fcn_core.verdicts.calibrate_verdict`). Calibrate on maps the
-        score will not be reported on.
+        which stay as they are (:func:`fcn_core.verdicts.calibrate_verdict`). ``multilabel``: fit
+        the ``patterns`` verdict's multi-label macro-F1 instead (MixedWM38 labels;
+        :func:`fcn_core.verdicts.calibrate_verdict_multilabel`). Calibrate on maps the score will
+        not be reported on (``fcn_core.real_split``'s calibration part).
         """
         preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True)
-        verdict, f1 = calibrate_verdict(self.fail_die_counts(preds, die_maps, shaped=True), dataset_labels,
-                                        class_names=self.class_names, source=source,
-                                        min_elongation_by_class=self.verdict.min_elongation_by_class)
+        fit = calibrate_verdict_multilabel if multilabel else calibrate_verdict
+        verdict, f1 = fit(self.fail_die_counts(preds, die_maps, shaped=True), dataset_labels,
+                          class_names=self.class_names, source=source,
+                          min_elongation_by_class=self.verdict.min_elongation_by_class)
         return self.with_verdict(verdict), f1
 
     # -- bundles ------------------------------------------------------------------------------

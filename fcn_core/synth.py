@@ -7,8 +7,14 @@ Model, top-down:
   rate and test night are drawn once per lot, as in a fab.
 - A **wafer** gets Bernoulli background fails (inner rate from a Poisson yield model, higher on the
   outermost dies), then either nothing more (clean, heavy-random or near-full: label ``none``) or
-  one to three patterns: ring (full/partial edge ring, donut), scratch (thin straight/curved lines
-  with gaps, branches), local zone (irregular blob at the edge or inside), circle (centre cluster).
+  one to three (four with the options) patterns: ring (full/partial edge ring, donut), scratch
+  (thin straight/curved lines with gaps, branches), local zone (irregular blob at the edge or
+  inside), circle (centre cluster).
+- Options widen this towards MixedWM38 and other sources (``SynthConfig``'s issue-#13 block,
+  ``BROAD_OPTIONS``): heavy random fails under patterns, thick rings, up to four patterns, a donut
+  and an edge ring (or both local zone kinds) on one wafer, scratches across rings, small and dense
+  centres, zones of every size. All are off by default, and off they draw no random number, so the
+  default config's wafers are exactly those it drew before they existed.
 - Only fail dies a pattern caused carry its class id; background fails stay 0. Patterns are drawn
   in the order ring, local zone, circle, scratch and a later one overwrites an earlier one's label
   on shared dies, so thin scratches stay continuous across a ring or a blob.
@@ -37,6 +43,28 @@ PATTERN_KINDS = (RING, SCRATCH, LOCAL, CIRCLE)
 DRAW_ORDER = (RING, LOCAL, CIRCLE, SCRATCH)  # last drawn wins a shared die
 NONE_LABEL = NO_PATTERN  # a wafer without pattern: the verdict's "none" (fcn_core.stages)
 DEFAULT_START_DATE = date(2026, 1, 1)
+
+# The widening towards MixedWM38 and other sources (issue #13; measured in docs/synth.md), suggested
+# (commented out) in configs/default.yaml under data.synth: off by default, because turning it on
+# changes the demo's training data and figures. Ranges are wider than MixedWM38's on purpose: a
+# model should meet every real set's patterns, not copy one set's.
+BROAD_OPTIONS: dict = {
+    "mixed_fraction": 0.6,
+    "mixed_three_fraction": 0.35,
+    "mixed_four_fraction": 0.1,
+    "pattern_background_fraction": 0.5,
+    "pattern_background_range": (0.08, 0.3),
+    "ring_thick_fraction": 0.6,
+    "ring_thick_dies": (1.5, 5.0),
+    "double_ring_fraction": 0.15,
+    "double_local_fraction": 0.15,
+    "scratch_cross_fraction": 0.5,
+    "circle_small_fraction": 0.35,
+    "circle_small_dies": (1.5, 4.0),
+    "local_any_size_fraction": 0.5,
+    "local_radius_range": (0.03, 0.45),
+    "dense_fraction": 0.5,
+}
 
 _REF_DIES = 550  # background_rate is the inner-die fail rate of a product with this many dies
 _LOT_STREAM, _WAFER_STREAM = 1, 2  # keep lot and wafer random streams apart
@@ -208,6 +236,12 @@ def _background_rate(rng: np.random.Generator, g: _Product, s: SynthConfig) -> n
     return np.minimum(inner * factor * (1 + tilt * (g.r * g.r - 0.5)), 0.95)
 
 
+def _heavy_background_rate(rng: np.random.Generator, g: _Product, s: SynthConfig) -> np.ndarray:
+    """MixedWM38-like random fails under patterns: one rate per wafer, the same on every die
+    (MixedWM38: 0.18-0.23 around its patterns, no extra failure on the rim)."""
+    return np.full(g.u.shape, rng.uniform(*s.pattern_background_range))
+
+
 def _random_rate(rng: np.random.Generator, g: _Product) -> np.ndarray:
     """WM-811K 'Random': 30-65 % of dies fail, blotchy rather than uniform."""
     level = rng.uniform(0.3, 0.65)
@@ -227,12 +261,22 @@ def _near_full_rate(rng: np.random.Generator, g: _Product) -> np.ndarray:
 
 
 # -- patterns: each returns the boolean mask of the dies it makes fail ------------------------------
-def _edge_ring(rng: np.random.Generator, g: _Product, *, partial: bool) -> np.ndarray:
-    """The outermost dies fail almost all round, a second die layer in places (real: 100 %, 36 %)."""
-    along = _wobble(rng, g.theta, 1.2, orders=(1, 2, 3)) / 2  # where the band is thicker
-    prob = np.where(g.depth == 1, rng.uniform(0.85, 1.0),
-                    np.where(g.depth == 2, rng.uniform(0.2, 0.9) * np.clip(along + 0.2, 0, 1),
-                             np.where(g.depth == 3, rng.uniform(0, 0.4) * np.clip(along - 0.2, 0, 1), 0.0)))
+def _edge_ring(rng: np.random.Generator, g: _Product, *, partial: bool, thick_dies: tuple[float, float] | None = None
+               ) -> np.ndarray:
+    """The outermost dies fail almost all round, a second die layer in places (real: 100 %, 36 %).
+
+    ``thick_dies``: a thick band instead, its radial width drawn in that range of dies, wobbling
+    along the rim (MixedWM38 Edge-Ring: 2-3 dies; other sources up to ~5).
+    """
+    if thick_dies is not None:
+        width = rng.uniform(*thick_dies) * _wobble(rng, g.theta, 0.3, orders=(1, 2, 3))
+        inward = np.maximum((1 - g.r) * g.die_radius, 0.0)  # dies in from the rim (outermost: ~0-1)
+        prob = rng.uniform(0.8, 1.0) * np.where(g.depth == 1, 1.0, _sigmoid((width - inward) / 0.4))
+    else:
+        along = _wobble(rng, g.theta, 1.2, orders=(1, 2, 3)) / 2  # where the band is thicker
+        prob = np.where(g.depth == 1, rng.uniform(0.85, 1.0),
+                        np.where(g.depth == 2, rng.uniform(0.2, 0.9) * np.clip(along + 0.2, 0, 1),
+                                 np.where(g.depth == 3, rng.uniform(0, 0.4) * np.clip(along - 0.2, 0, 1), 0.0)))
     gate = np.ones_like(g.theta)
     if partial:  # an arc of 120-300 degrees
         half = rng.uniform(np.pi / 3, 5 * np.pi / 6)
@@ -244,8 +288,11 @@ def _edge_ring(rng: np.random.Generator, g: _Product, *, partial: bool) -> np.nd
     return _fire(rng, prob * gate)
 
 
-def _donut(rng: np.random.Generator, g: _Product) -> np.ndarray:
-    """A band around the centre at mid radius, often broken, with ragged edges."""
+def _donut(rng: np.random.Generator, g: _Product, *, dense: bool = False) -> np.ndarray:
+    """A band around the centre at mid radius, often broken, with ragged edges.
+
+    ``dense``: a solid band all round (fill 0.9-1, no patches, no arc), as MixedWM38 draws them.
+    """
     oy, ox = rng.normal(0, 0.05, 2)
     du, dv = g.u - ox, g.v - oy
     rr, th = np.hypot(du, dv), np.arctan2(dv, du)
@@ -256,7 +303,9 @@ def _donut(rng: np.random.Generator, g: _Product) -> np.ndarray:
         outer = min(inner + max(rng.uniform(0.15, 0.45), 2.5 / g.die_radius), 0.9)
     mid = (inner + outer) / 2 * _wobble(rng, th, 0.12)
     half = (outer - inner) / 2
-    prob = rng.uniform(0.75, 1.0) * _sigmoid((half - np.abs(rr - mid)) / rng.uniform(0.015, 0.05))
+    prob = rng.uniform(0.9 if dense else 0.75, 1.0) * _sigmoid((half - np.abs(rr - mid)) / rng.uniform(0.015, 0.05))
+    if dense:
+        return _fire(rng, prob)
     patchy = rng.uniform(0, 0.5)  # real donuts are often denser in some stretches than in others
     prob = prob * (1 - patchy + patchy * _smooth_field(rng, g, cells=int(rng.integers(3, 7))))
     if rng.random() < 0.5:  # an arc, not the whole band
@@ -279,18 +328,35 @@ def _blob(rng: np.random.Generator, du: np.ndarray, dv: np.ndarray, *, radius: f
     return np.minimum(prob, 1.0)
 
 
-def _circle(rng: np.random.Generator, g: _Product) -> np.ndarray:
-    """WM-811K 'Center': a cluster on or slightly off the centre (real: area ~5 %, offset < 0.17)."""
+def _circle(rng: np.random.Generator, g: _Product, *, small_dies: tuple[float, float] | None = None,
+            dense: bool = False) -> np.ndarray:
+    """WM-811K 'Center': a cluster on or slightly off the centre (real: area ~5 %, offset < 0.17).
+
+    ``small_dies``: a small dense cluster instead, its radius drawn in that range of dies (the
+    centres MixedWM38 puts inside donuts and beside edge rings). ``dense``: fill 0.9-1, no halo.
+    """
     oy, ox = rng.normal(0, 0.035, 2)
+    if small_dies is not None:
+        radius = rng.uniform(*small_dies) / g.die_radius
+        prob = _blob(rng, g.u - ox, g.v - oy, radius=radius, elongation=rng.uniform(1.0, 1.15),
+                     fill=rng.uniform(0.9, 1.0), softness=0.3 / g.die_radius, halo=0.0)
+        return _fire(rng, prob)
     radius = float(np.clip(0.24 * np.exp(rng.normal(0, 0.35)), max(0.08, 1.5 / g.die_radius), 0.5))
     prob = _blob(rng, g.u - ox, g.v - oy, radius=radius, elongation=rng.uniform(1.0, 1.3),
-                 fill=rng.uniform(0.55, 1.0), softness=rng.uniform(0.01, 0.06),
-                 halo=rng.uniform(0, 0.35) if rng.random() < 0.5 else 0.0)
+                 fill=rng.uniform(0.9 if dense else 0.55, 1.0), softness=rng.uniform(0.01, 0.06),
+                 halo=0.0 if dense else rng.uniform(0, 0.35) if rng.random() < 0.5 else 0.0)
     return _fire(rng, prob)
 
 
-def _local_zone(rng: np.random.Generator, g: _Product, *, at_edge: bool) -> np.ndarray:
-    """An irregular blob: inside the wafer (Loc) or on its rim, stretched along it (Edge-Loc)."""
+def _local_zone(rng: np.random.Generator, g: _Product, *, at_edge: bool,
+                any_size: tuple[float, float] | None = None, dense: bool = False) -> np.ndarray:
+    """An irregular blob: inside the wafer (Loc) or on its rim, stretched along it (Edge-Loc).
+
+    ``any_size``: inside, the radius is log-uniform over that range of wafer radii (at least one
+    die), so a few-die speck is as likely as a zone covering a fifth of the wafer; at the edge, the
+    length along the rim is log-uniform over 3 dies..1.6 radii (up to half the rim, as MixedWM38's)
+    and the depth over 2 dies..0.35. ``dense``: fill 0.9-1, no halo, not sparser inwards.
+    """
     angle = rng.uniform(0, _TWO_PI)
     if at_edge:
         # Work in (along the rim, in from the rim) coordinates so the blob hugs the edge.
@@ -298,31 +364,51 @@ def _local_zone(rng: np.random.Generator, g: _Product, *, at_edge: bool) -> np.n
         along = _wrap(g.theta - angle) * g.r
         inward = (1 - g.r) - centre_depth
         die = 1 / g.die_radius  # at least ~2 dies deep and 3 long, else it is just edge noise
-        length = float(np.clip(0.3 * np.exp(rng.normal(0, 0.6)), 3 * die, 1.2))
-        depth = float(np.clip(0.15 * np.exp(rng.normal(0, 0.6)), 2 * die, 0.6))
+        if any_size is not None:
+            length = float(np.exp(rng.uniform(np.log(min(3 * die, 1.6)), np.log(1.6))))
+            depth = float(np.exp(rng.uniform(np.log(min(2 * die, 0.35)), np.log(0.35))))
+        else:
+            length = float(np.clip(0.3 * np.exp(rng.normal(0, 0.6)), 3 * die, 1.2))
+            depth = float(np.clip(0.15 * np.exp(rng.normal(0, 0.6)), 2 * die, 0.6))
         dist = np.hypot(along / length, inward / depth)
         edge = _wobble(rng, np.arctan2(inward, along), 0.3)
-        prob = rng.uniform(0.6, 1.0) * _sigmoid((edge - dist) / rng.uniform(0.05, 0.15))
-        prob = prob * (1 - rng.uniform(0, 0.3) * np.clip(inward / depth, 0, 1))  # sparser inwards
+        prob = rng.uniform(0.9 if dense else 0.6, 1.0) * _sigmoid((edge - dist) / rng.uniform(0.05, 0.15))
+        if not dense:
+            prob = prob * (1 - rng.uniform(0, 0.3) * np.clip(inward / depth, 0, 1))  # sparser inwards
         return _fire(rng, prob)
     where = np.sqrt(rng.uniform(0.02, 0.6))
-    radius = float(np.clip(0.16 * np.exp(rng.normal(0, 0.55)), max(0.05, 1.5 / g.die_radius), 0.45))
+    if any_size is not None:
+        lo, hi = (max(x, 1.0 / g.die_radius) for x in any_size)
+        radius = float(np.exp(rng.uniform(np.log(lo), np.log(max(hi, lo)))))
+    else:
+        radius = float(np.clip(0.16 * np.exp(rng.normal(0, 0.55)), max(0.05, 1.5 / g.die_radius), 0.45))
     prob = _blob(rng, g.u - where * np.cos(angle), g.v - where * np.sin(angle), radius=radius,
-                 elongation=rng.uniform(1.0, 1.8), fill=rng.uniform(0.35, 1.0),
-                 softness=rng.uniform(0.01, 0.05), halo=rng.uniform(0, 0.3) if rng.random() < 0.4 else 0.0)
+                 elongation=rng.uniform(1.0, 1.8), fill=rng.uniform(0.9 if dense else 0.35, 1.0),
+                 softness=rng.uniform(0.01, 0.05),
+                 halo=0.0 if dense else rng.uniform(0, 0.3) if rng.random() < 0.4 else 0.0)
     return _fire(rng, prob)
 
 
-def _scratch(rng: np.random.Generator, g: _Product) -> np.ndarray:
+def _scratch(rng: np.random.Generator, g: _Product, *, across: bool = False) -> np.ndarray:
     """Thin straight or curved lines, with gaps and sometimes a branch or a parallel twin.
 
     Drawn as points every 0.4 die along the curve, snapped to dies: cost follows the line's
-    length, not the wafer's area.
+    length, not the wafer's area. ``across``: one more line first, from the rim through the inner
+    wafer (r < 0.3) and on for 1.3-1.9 radii, so it crosses a donut's band or an edge ring.
     """
     ry, rx = g.radii
     step = 0.4 / max(ry, rx)
     us, vs = [], []
-    n_lines = 1 + int(rng.random() < 0.25)
+    if across:
+        a0 = rng.uniform(0, _TWO_PI)
+        u0, v0 = 0.97 * np.cos(a0), 0.97 * np.sin(a0)
+        u1, v1 = _disc_points(rng, 0.3)
+        heading = np.arctan2(v1 - v0, u1 - u0)
+        s = np.arange(0, rng.uniform(1.3, 1.9), step)
+        head = heading + rng.uniform(-0.15, 0.15) * s + np.cumsum(rng.normal(0, 0.02, s.size))
+        us.append(u0 + np.cumsum(np.cos(head)) * step)
+        vs.append(v0 + np.cumsum(np.sin(head)) * step)
+    n_lines = 1 + int(rng.random() < 0.25) - int(across)
     for _ in range(n_lines):
         # Most real scratches run in from the rim (handling damage); the others start anywhere.
         # Either way they head for a point of the inner wafer, so they cross dies, not the rim.
@@ -369,17 +455,48 @@ def _scratch(rng: np.random.Generator, g: _Product) -> np.ndarray:
 
 
 # -- wafers ---------------------------------------------------------------------------------------
-def _pattern(rng: np.random.Generator, kind: str, g: _Product, s: SynthConfig) -> np.ndarray:
+def _pattern(rng: np.random.Generator, kind: str, g: _Product, s: SynthConfig, *, variant: str | None = None,
+             across: bool = False) -> tuple[np.ndarray, str]:
+    """(fail mask, variant) of one pattern; ``variant`` forces a sub-kind ('donut', 'edge ring',
+    'edge', 'inside'), else it is drawn. Options at their defaults draw no extra random number."""
     if kind == RING:
-        u = rng.random()
-        if u < s.ring_donut_fraction:
-            return _donut(rng, g)
-        return _edge_ring(rng, g, partial=u < s.ring_donut_fraction + s.ring_partial_fraction)
+        if variant is None:
+            u = rng.random()
+            variant = "donut" if u < s.ring_donut_fraction else (
+                "partial ring" if u < s.ring_donut_fraction + s.ring_partial_fraction else "edge ring")
+        if variant == "donut":
+            return _donut(rng, g, dense=_dense(rng, s)), variant
+        thick = s.ring_thick_fraction > 0 and rng.random() < s.ring_thick_fraction
+        return _edge_ring(rng, g, partial=variant == "partial ring",
+                          thick_dies=s.ring_thick_dies if thick else None), variant
     if kind == SCRATCH:
-        return _scratch(rng, g)
+        return _scratch(rng, g, across=across), "scratch"
     if kind == LOCAL:
-        return _local_zone(rng, g, at_edge=rng.random() < s.local_edge_fraction)
-    return _circle(rng, g)
+        if variant is None:
+            variant = "edge" if rng.random() < s.local_edge_fraction else "inside"
+        any_size = s.local_any_size_fraction > 0 and rng.random() < s.local_any_size_fraction
+        return _local_zone(rng, g, at_edge=variant == "edge", any_size=s.local_radius_range if any_size else None,
+                           dense=_dense(rng, s)), variant
+    small = s.circle_small_fraction > 0 and rng.random() < s.circle_small_fraction
+    return _circle(rng, g, small_dies=s.circle_small_dies if small else None, dense=_dense(rng, s)), "circle"
+
+
+def _dense(rng: np.random.Generator, s: SynthConfig) -> bool:
+    """Draw a solid donut, centre or local zone (``dense_fraction``); no random number when off."""
+    return s.dense_fraction > 0 and rng.random() < s.dense_fraction
+
+
+# the other sub-kind of a ring or local zone, for double_ring_fraction and double_local_fraction
+_OTHER_VARIANT = {"donut": "edge ring", "edge ring": "donut", "partial ring": "donut", "edge": "inside",
+                  "inside": "edge"}
+
+
+def _n_patterns(rng: np.random.Generator, s: SynthConfig) -> int:
+    """1, or on mixed wafers 2, 3 or 4 (mixed_three_fraction, mixed_four_fraction)."""
+    if rng.random() >= s.mixed_fraction:
+        return 1
+    u = rng.random()
+    return 2 + int(u < s.mixed_three_fraction + s.mixed_four_fraction) + int(u < s.mixed_four_fraction)
 
 
 def _wafer(rng: np.random.Generator, g: _Product, s: SynthConfig, weights: np.ndarray,
@@ -395,18 +512,21 @@ def _wafer(rng: np.random.Generator, g: _Product, s: SynthConfig, weights: np.nd
         else:
             rate = _background_rate(rng, g, s)
     else:
-        rate = _background_rate(rng, g, s)
-        n_kinds = 1
-        if rng.random() < s.mixed_fraction:
-            n_kinds = 2 + int(rng.random() < 0.15)
-        n_kinds = min(n_kinds, int((weights > 0).sum()))
+        heavy = s.pattern_background_fraction > 0 and rng.random() < s.pattern_background_fraction
+        rate = _heavy_background_rate(rng, g, s) if heavy else _background_rate(rng, g, s)
+        n_kinds = min(_n_patterns(rng, s), int((weights > 0).sum()))
         picks = rng.choice(len(PATTERN_KINDS), n_kinds, replace=False, p=weights)
         chosen = {PATTERN_KINDS[i] for i in picks}
         kinds = [k for k in DRAW_ORDER if k in chosen]
     fail = _fire(rng, rate)
     label = np.zeros(g.sites.size, np.uint8)
     for kind in kinds:
-        hit = _pattern(rng, kind, g, s)
+        across = (kind == SCRATCH and RING in kinds and s.scratch_cross_fraction > 0
+                  and rng.random() < s.scratch_cross_fraction)
+        hit, variant = _pattern(rng, kind, g, s, across=across)
+        double = {RING: s.double_ring_fraction, LOCAL: s.double_local_fraction}.get(kind, 0.0)
+        if double > 0 and rng.random() < double:
+            hit = hit | _pattern(rng, kind, g, s, variant=_OTHER_VARIANT[variant])[0]
         fail |= hit
         label[hit] = ids[kind]
     return fail, label

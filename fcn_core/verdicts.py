@@ -2,8 +2,10 @@
 
 A segmentation says, per fail die, which pattern it belongs to. Engineers act on wafers, so each
 wafer gets a verdict: the dies per class, the patterns present (those with at least
-``verdict.min_dies`` dies and ``verdict.min_share`` of the wafer's fail dies) and the dominant
-pattern (the present pattern with most dies, ``"none"`` when no pattern is present).
+``verdict.min_dies`` dies and ``verdict.min_share`` of the wafer's fail dies, counted after the
+shape rules), the ``patterns`` string (the present patterns in class-id order joined with ``+``,
+``"none"`` when none is present: the multi-label verdict) and the dominant pattern (the present
+pattern with most dies, ``"none"`` when no pattern is present).
 
 Real data sets label whole wafers with their own names; ``LABEL_MAP`` translates them into this
 project's pattern names so verdicts can be scored (``verdict_scores``, ``real_eval_report``).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +26,7 @@ from .shapes import apply_min_elongation
 from .table import FAIL
 
 NONE = "none"
+PATTERN_SEPARATOR = "+"  # joins the names in a ``patterns`` string: 'ring+scratch'
 UNLABELLED = "(unlabelled)"  # key of wafers without a dataset label in RealEvalReport.excluded
 
 # Dataset wafer labels (WM-811K failureType, MixedWM38 columns) -> this project's pattern names.
@@ -94,6 +97,7 @@ class Verdict:
     fail_dies: int
     dominant_pattern: str
     dominant_share: float
+    patterns: str
     patterns_present: list[str]
 
 
@@ -103,8 +107,9 @@ class WaferVerdicts:
 
     ``dies[i, k]`` counts wafer i's fail dies predicted as class k (class 0 = background: fail dies
     no pattern claims). ``dominant_share`` is the dominant pattern's share of the fail dies, 0.0
-    when the verdict is 'none'. ``patterns_present`` lists the qualifying patterns by descending
-    dies (ties: lower class id first).
+    when the verdict is 'none'. ``patterns`` is the multi-label verdict: the qualifying patterns
+    in class-id order joined with '+' ('ring+scratch'), 'none' when no pattern qualifies.
+    ``patterns_present`` lists the same patterns by descending dies (ties: lower class id first).
     """
 
     class_names: list[str]
@@ -112,6 +117,7 @@ class WaferVerdicts:
     fail_dies: np.ndarray  # (N,) int64
     dominant_pattern: list[str]
     dominant_share: np.ndarray  # (N,) float64
+    patterns: list[str]
     patterns_present: list[list[str]] = field(repr=False)
 
     def __len__(self) -> int:
@@ -123,6 +129,7 @@ class WaferVerdicts:
             fail_dies=int(self.fail_dies[i]),
             dominant_pattern=self.dominant_pattern[i],
             dominant_share=float(self.dominant_share[i]),
+            patterns=self.patterns[i],
             patterns_present=list(self.patterns_present[i]),
         )
 
@@ -138,6 +145,7 @@ class WaferVerdicts:
         out["fail_dies"] = self.fail_dies.tolist()
         out["dominant_pattern"] = list(self.dominant_pattern)
         out["dominant_share"] = self.dominant_share.tolist()
+        out["patterns"] = list(self.patterns)
         out["patterns_present"] = [list(p) for p in self.patterns_present]
         return out
 
@@ -158,8 +166,7 @@ def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdic
     fail = dies.sum(axis=1)
     patterns = dies[:, 1:]
     share = patterns / np.maximum(fail, 1)[:, None]
-    min_dies, min_share = verdict.thresholds(list(class_names[1:]))  # per pattern, overrides applied
-    present = (patterns >= np.asarray(min_dies)) & (share >= np.asarray(min_share))
+    present = _present(patterns, share, class_names=class_names, verdict=verdict)
 
     # rank present patterns by dies (absent ones last); the stable sort keeps lower ids first on ties
     order = np.argsort(-np.where(present, patterns, -1), axis=1, kind="stable")
@@ -170,7 +177,37 @@ def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdic
     dominant_share = np.where(has_pattern, share[rows, top], 0.0).astype(np.float64)
     ranked_present = np.take_along_axis(present, order, axis=1)
     present_lists = [list(n[p]) for n, p in zip(names[order], ranked_present)]
-    return WaferVerdicts(list(class_names), dies, fail, dominant, dominant_share, present_lists)
+    return WaferVerdicts(list(class_names), dies, fail, dominant, dominant_share,
+                         patterns_strings(present, class_names[1:]), present_lists)
+
+
+def _present(patterns: np.ndarray, share: np.ndarray, *, class_names: Sequence[str],
+             verdict: VerdictConfig) -> np.ndarray:
+    """(N, n_patterns) bool: the pattern has at least its min_dies dies and min_share of the fail dies."""
+    min_dies, min_share = verdict.thresholds(list(class_names[1:]))  # per pattern, overrides applied
+    return (patterns >= np.asarray(min_dies)) & (share >= np.asarray(min_share))
+
+
+def patterns_strings(present: np.ndarray, pattern_names: Sequence[str]) -> list[str]:
+    """One ``patterns`` string per row of a (N, n_patterns) presence matrix: 'ring+scratch' or 'none'.
+
+    Names keep the matrix's column order (class-id order); equal rows share one string.
+    """
+    present = np.asarray(present, dtype=bool)
+    if present.ndim != 2 or present.shape[1] != len(pattern_names):
+        raise ValueError(f"presence matrix has shape {present.shape}, expected (N, {len(pattern_names)})")
+    if any(PATTERN_SEPARATOR in n for n in pattern_names):
+        raise ValueError(f"pattern names {list(pattern_names)} must not contain {PATTERN_SEPARATOR!r}: it joins them")
+    if not len(present):
+        return []
+    rows, which = np.unique(present, axis=0, return_inverse=True)
+    text = [PATTERN_SEPARATOR.join(n for n, p in zip(pattern_names, row) if p) or NONE for row in rows]
+    return [text[i] for i in which.ravel()]
+
+
+def parse_patterns(text: str) -> set[str]:
+    """The pattern names of a ``patterns`` string ('none' -> the empty set)."""
+    return set() if text == NONE else set(text.split(PATTERN_SEPARATOR))
 
 
 def count_fail_dies(
@@ -274,10 +311,6 @@ def calibrate_verdict(
     part, never the held-out one).
     """
     labels = verdict_labels(class_names)
-    grid = [(md, ms) for md in sorted(min_dies) for ms in sorted(min_share)]
-    if not grid:
-        raise ValueError("calibrate_verdict needs at least one min_dies and one min_share value")
-
     mapped = [map_dataset_label(x) for x in dataset_labels]
     keep = [i for i, m in enumerate(mapped) if m is not None]  # as real_eval_report scores them
     true, kept_dies = [mapped[i] for i in keep], np.asarray(dies)[keep]
@@ -286,11 +319,64 @@ def calibrate_verdict(
         verdicts = verdicts_from_counts(kept_dies, class_names=class_names, verdict=candidate)
         return verdict_scores(true, verdicts.dominant_pattern, labels=labels)["macro_f1"]
 
+    return _coordinate_search(macro_f1, class_names=class_names, source=source, min_dies=min_dies,
+                              min_share=min_share, per_class_sweeps=per_class_sweeps,
+                              min_elongation_by_class=min_elongation_by_class)
+
+
+def calibrate_verdict_multilabel(
+    dies: np.ndarray,
+    dataset_labels: Sequence[str | None],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    min_dies: Sequence[int] = CALIBRATION_MIN_DIES,
+    min_share: Sequence[float] = CALIBRATION_MIN_SHARE,
+    per_class_sweeps: int = 2,
+    min_elongation_by_class: dict[str, float] | None = None,
+) -> tuple[VerdictConfig, float]:
+    """Per-pattern thresholds with the best multi-label macro-F1 of ``patterns`` (MixedWM38 labels).
+
+    The same search as :func:`calibrate_verdict` (a shared pair from the grid, then one pattern's
+    pair at a time, strict improvements only) with :func:`multilabel_scores`' macro-F1 as the
+    objective. A pattern's F1 depends only on its own thresholds, so one sweep already reaches the
+    best pair per pattern on the grid; a second finds nothing more. Wafers whose label is excluded
+    (Near-full, unlabelled) do not count.
+    """
+    pattern_names = list(class_names[1:])
+    keep, truth, _ = _multilabel_truth(dataset_labels, pattern_names)
+    kept = np.asarray(dies, dtype=np.int64)[keep]
+    patterns = kept[:, 1:]
+    share = patterns / np.maximum(kept.sum(axis=1), 1)[:, None]
+
+    def macro_f1(candidate: VerdictConfig) -> float:
+        pred = _present(patterns, share, class_names=class_names, verdict=candidate)
+        return float(_multilabel_counts(truth, pred)["f1"].mean())
+
+    return _coordinate_search(macro_f1, class_names=class_names, source=source, min_dies=min_dies,
+                              min_share=min_share, per_class_sweeps=per_class_sweeps,
+                              min_elongation_by_class=min_elongation_by_class)
+
+
+def _coordinate_search(
+    objective: Callable[[VerdictConfig], float],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    min_dies: Sequence[int],
+    min_share: Sequence[float],
+    per_class_sweeps: int,
+    min_elongation_by_class: dict[str, float] | None,
+) -> tuple[VerdictConfig, float]:
+    """The best shared (min_dies, min_share) grid pair, then per-pattern retuning while it helps."""
+    grid = [(md, ms) for md in sorted(min_dies) for ms in sorted(min_share)]
+    if not grid:
+        raise ValueError("calibrate_verdict needs at least one min_dies and one min_share value")
     best_f1, best = -1.0, None
     for md, ms in grid:
         candidate = VerdictConfig(min_dies=md, min_share=ms, calibrated_on=source,
                                   min_elongation_by_class=dict(min_elongation_by_class or {}))
-        if (f1 := macro_f1(candidate)) > best_f1:
+        if (f1 := objective(candidate)) > best_f1:
             best_f1, best = f1, candidate
     for _ in range(per_class_sweeps):
         improved = False
@@ -298,7 +384,7 @@ def calibrate_verdict(
             for md, ms in grid:
                 candidate = best.model_copy(update={"min_dies_by_class": {**best.min_dies_by_class, name: md},
                                                     "min_share_by_class": {**best.min_share_by_class, name: ms}})
-                if (f1 := macro_f1(candidate)) > best_f1:
+                if (f1 := objective(candidate)) > best_f1:
                     best_f1, best, improved = f1, candidate, True
         if not improved:
             break
@@ -462,3 +548,175 @@ def miss_examples(
     ranked = sorted(pairs.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_pairs]
     return [(t, p, sorted(rng.choice(idx, size=min(per_pair, len(idx)), replace=False).tolist()))
             for (t, p), idx in ranked]
+
+
+# -- multi-label and die-level scores (issue #13) ----------------------------------------------------
+def _multilabel_truth(dataset_labels: Sequence[str | None],
+                      pattern_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(kept row indices, (n_kept, n_patterns) bool truth, excluded label -> wafers) of dataset labels.
+
+    'None'/'Random' wafers are kept with no pattern; Near-full and unlabelled wafers are excluded.
+    """
+    index = {name: k for k, name in enumerate(pattern_names)}
+    keep, rows, excluded = [], [], Counter()
+    for i, label in enumerate(dataset_labels):
+        patterns = dataset_label_patterns(label)
+        if patterns is None:
+            excluded[UNLABELLED if not label else str(label)] += 1
+            continue
+        row = np.zeros(len(pattern_names), bool)
+        for name in patterns - {NONE}:
+            if name not in index:
+                raise ValueError(f"dataset label {label!r} means pattern {name!r}, which is not among the "
+                                 f"pattern classes {list(pattern_names)}")
+            row[index[name]] = True
+        keep.append(i)
+        rows.append(row)
+    truth = np.array(rows, bool).reshape(len(rows), len(pattern_names))
+    return np.array(keep, np.int64), truth, dict(excluded)
+
+
+def _multilabel_counts(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pattern tp/fp/fn, precision, recall and F1 of two (N, P) presence matrices (0/0 -> 0.0)."""
+    tp = (truth & pred).sum(axis=0)
+    fp = (~truth & pred).sum(axis=0)
+    fn = (truth & ~pred).sum(axis=0)
+    precision = np.divide(tp, tp + fp, out=np.zeros(tp.shape), where=tp + fp > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros(tp.shape), where=tp + fn > 0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(tp.shape), where=2 * tp + fp + fn > 0)
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
+
+
+def multilabel_scores(dataset_labels: Sequence[str | None], pred_patterns: Sequence[str], *,
+                      pattern_names: Sequence[str]) -> dict:
+    """Score ``patterns`` strings against multi-pattern dataset labels ('Center+Edge-Loc+Scratch').
+
+    Per pattern: precision, recall and F1 of "the pattern is present" over the wafers (support:
+    wafers whose label has it, predicted: wafers whose verdict has it); ``macro_f1`` averages the
+    F1 of all ``pattern_names``; ``exact_match`` is the share of wafers whose set of patterns is
+    exactly the label's (a 'None' wafer needs 'none'). Labels are mapped by
+    :func:`dataset_label_patterns` (Donut and Edge-Ring are both ring, so 'Donut+Edge-Ring' is
+    just ring); Near-full and unlabelled wafers are left out and counted in ``excluded``.
+    """
+    if len(dataset_labels) != len(pred_patterns):
+        raise ValueError(f"{len(dataset_labels)} dataset labels but {len(pred_patterns)} predictions")
+    pattern_names = list(pattern_names)
+    keep, truth, excluded = _multilabel_truth(dataset_labels, pattern_names)
+    pred = np.zeros_like(truth)
+    index = {name: k for k, name in enumerate(pattern_names)}
+    for row, i in enumerate(keep):
+        for name in parse_patterns(pred_patterns[i]):
+            if name not in index:
+                raise ValueError(f"verdict {pred_patterns[i]!r} names {name!r}, not among {pattern_names}")
+            pred[row, index[name]] = True
+    c = _multilabel_counts(truth, pred)
+    n = len(keep)
+    return {
+        "n": n,
+        "exact_match": float((truth == pred).all(axis=1).mean()) if n else 0.0,
+        "macro_f1": float(c["f1"].mean()),
+        "macro_precision": float(c["precision"].mean()),
+        "macro_recall": float(c["recall"].mean()),
+        "per_pattern": {name: {"precision": float(c["precision"][k]), "recall": float(c["recall"][k]),
+                               "f1": float(c["f1"][k]), "support": int(truth[:, k].sum()),
+                               "predicted": int(pred[:, k].sum())}
+                        for k, name in enumerate(pattern_names)},
+        "excluded": excluded,
+    }
+
+
+def dataset_patterns_string(label: str | None, pattern_names: Sequence[str]) -> str | None:
+    """A dataset label as a ``patterns`` string ('Scratch+Center' -> 'scratch+circle' in class-id
+    order; 'None', 'Random' -> 'none'), None when excluded: compare it with the verdict's
+    ``patterns``, e.g. ``miss_examples(truth, verdicts.patterns)`` for pictures of typical misses."""
+    patterns = dataset_label_patterns(label)
+    if patterns is None:
+        return None
+    unknown = sorted(patterns - {NONE} - set(pattern_names))
+    if unknown:
+        raise ValueError(f"dataset label {label!r} means {unknown}, not among the pattern classes "
+                         f"{list(pattern_names)}")
+    return PATTERN_SEPARATOR.join(n for n in pattern_names if n in patterns) or NONE
+
+
+def _pooled_share(part: np.ndarray, whole: np.ndarray) -> float:
+    """sum(part) / sum(whole), NaN when there is nothing to share (no die to judge)."""
+    total = int(np.sum(whole))
+    return float(np.sum(part) / total) if total else float("nan")
+
+
+def die_purity(dies: np.ndarray, dataset_labels: Sequence[str | None], *, class_names: Sequence[str]) -> dict:
+    """Real die purity: of the fail dies given a pattern on wafers labelled with one pattern, the share
+    that carry the wafer's own pattern (pooled over the wafers), overall and by dataset label.
+
+    ``dies`` is the (N, n_classes) fail-die count matrix after the shape rules. Wafers labelled
+    None/Random, Near-full, unlabelled or with several patterns do not count. ``purity`` is NaN when
+    no counted wafer has a pattern die. A WM-811K measure: its labels name one pattern per wafer.
+    """
+    dies = _checked_counts(dies, dataset_labels, class_names)
+    class_id = {name: k for k, name in enumerate(class_names)}
+    own, given, by_raw = [], [], {}
+    for i, label in enumerate(dataset_labels):
+        mapped = map_dataset_label(label)
+        if mapped is None or mapped == NONE:
+            continue
+        if mapped not in class_id:
+            raise ValueError(f"dataset label {label!r} means {mapped!r}, not among the classes {list(class_names)}")
+        pair = (int(dies[i, class_id[mapped]]), int(dies[i, 1:].sum()))
+        own.append(pair[0])
+        given.append(pair[1])
+        by_raw.setdefault(str(label), []).append(pair)
+    by_label = {}
+    for label, pairs in sorted(by_raw.items()):
+        o, g = np.array(pairs).reshape(-1, 2).T
+        by_label[label] = {"purity": _pooled_share(o, g), "pattern_dies": int(g.sum()), "wafers": len(pairs)}
+    return {"purity": _pooled_share(np.array(own), np.array(given)), "pattern_dies": int(np.sum(given)),
+            "wafers": len(own), "by_label": by_label}
+
+
+def false_alarm_share(dies: np.ndarray, dataset_labels: Sequence[str | None], *,
+                      class_names: Sequence[str]) -> dict:
+    """Of the fail dies on wafers labelled without pattern (WM-811K None, Random), the share given a
+    pattern (pooled), overall and by dataset label; also the share of those wafers with any pattern die.
+
+    NaN when those wafers have no fail die at all.
+    """
+    dies = _checked_counts(dies, dataset_labels, class_names)
+    rows = [i for i, label in enumerate(dataset_labels) if dataset_label_patterns(label) == {NONE}]
+    by_label = {}
+    for label in sorted({str(dataset_labels[i]) for i in rows}):
+        sel = [i for i in rows if str(dataset_labels[i]) == label]
+        by_label[label] = {"share": _pooled_share(dies[sel, 1:], dies[sel]), "fail_dies": int(dies[sel].sum()),
+                           "wafers": len(sel)}
+    sel = np.array(rows, np.int64)
+    flagged = (dies[sel, 1:].sum(axis=1) > 0).mean() if len(sel) else float("nan")
+    return {"share": _pooled_share(dies[sel, 1:], dies[sel]), "fail_dies": int(dies[sel].sum()),
+            "wafers": len(sel), "wafers_with_pattern_dies": float(flagged), "by_label": by_label}
+
+
+def _checked_counts(dies: np.ndarray, dataset_labels: Sequence[str | None], class_names: Sequence[str]) -> np.ndarray:
+    dies = np.asarray(dies, dtype=np.int64)
+    if dies.ndim != 2 or dies.shape != (len(dataset_labels), len(class_names)):
+        raise ValueError(f"dies has shape {dies.shape}, expected ({len(dataset_labels)}, {len(class_names)}): "
+                         "one row per dataset label, one column per class")
+    return dies
+
+
+def multilabel_metrics(scores: dict, prefix: str = "mixed_") -> dict[str, float]:
+    """Flat metric names of :func:`multilabel_scores` for MLflow: exact_match, macro_f1, f1 per pattern."""
+    out = {f"{prefix}exact_match": scores["exact_match"], f"{prefix}macro_f1": scores["macro_f1"],
+           f"{prefix}n_wafers": float(scores["n"])}
+    for name, s in scores["per_pattern"].items():
+        key = name.replace(" ", "_")
+        for what in ("precision", "recall", "f1"):
+            out[f"{prefix}{what}_{key}"] = s[what]
+    return out
+
+
+def die_metrics(purity: dict, false_alarm: dict, prefix: str = "real_") -> dict[str, float]:
+    """Flat metric names of :func:`die_purity` and :func:`false_alarm_share` for MLflow."""
+    out = {f"{prefix}die_purity": purity["purity"], f"{prefix}false_alarm_share": false_alarm["share"]}
+    for label, s in purity["by_label"].items():
+        key = re.sub(r"\W+", "_", label.lower())  # 'Edge-Ring' -> 'edge_ring'
+        out[f"{prefix}die_purity_{key}"] = s["purity"]
+    return out

@@ -104,3 +104,19 @@ def test_a_class_named_local_zone_gets_the_same_column_in_every_table(table):
     assert "dies_local_zone" in verdict_columns
     assert verdict_columns["dies_local_zone"] == out.column("dies_local_zone").to_pylist()
     assert set(out.column("dominant_pattern").to_pylist()) <= {"Local-Zone", "none"}
+
+
+def test_patterns_column_follows_dominant_share_and_the_die_columns(table):
+    cfg = load_config("tiny", {"verdict.min_dies": 3, "verdict.min_share": 0.05})
+    scorer = Scorer(_confident_model(0), cfg.verdict, cfg)  # paints single, mixed and no patterns here
+    out = scorer.score_table(table, model_name="m", model_version="1")
+    names = out.column_names
+    assert names[names.index("dominant_share") + 1] == "patterns"
+    assert out.schema.field("patterns").type == "string"
+    patterns, fail = out.column("patterns").to_pylist(), out.column("fail_dies").to_pylist()
+    for i, text in enumerate(patterns):
+        want = [n for n in cfg.class_names[1:]  # class-id order, by the thresholds on the dies_* columns
+                if (d := out.column(dies_column(n))[i].as_py()) >= 3 and d >= 0.05 * max(fail[i], 1)]
+        assert text == ("+".join(want) or "none")
+        assert (text == "none") == (out.column("dominant_pattern")[i].as_py() == "none")
+    assert "none" in patterns and any("+" in p for p in patterns), "the check needs none and mixed wafers"

@@ -4,6 +4,10 @@
 ``tests/data/golden_night.parquet`` a fixed synthetic night of 300 wafers; the hashes below were
 recorded with the scoring code as it was before the Scorer/inference refactor (issue #14). A
 change of any predicted die, count, verdict or column of the predictions table fails this test.
+
+``GOLDEN`` was re-recorded when the ``patterns`` column (the multi-label verdict, issue #13) was
+added to the predictions table. Every pre-existing column is unchanged: the table without
+``patterns`` must still hash to ``GOLDEN_BEFORE_PATTERNS``, the hashes recorded before that column.
 """
 
 from __future__ import annotations
@@ -22,8 +26,15 @@ from fcn_core.models import fcn_from_arch
 
 DATA = Path(__file__).parent / "data"
 
-# (bf16, verdict) -> sha256 of the predictions table, recorded before the refactor
+# (bf16, verdict) -> sha256 of the predictions table, re-recorded when `patterns` was added
 GOLDEN = {
+    (False, "config"): "f8eb1c08d32e0523f41eb6ba7a5a7ccad16ab16b45d5e5cb80c65e40e2e6e681",
+    (False, "calibrated"): "5e5638795c0e1bd89b74d05d79d7c01119e7a08815dad0966e8c6935772744ff",
+    (True, "config"): "800aa38df39c2a1755c79f2c9a6405ac542abedf2c09e86b869c3c1ac5d30881",
+}
+# (bf16, verdict) -> sha256 of the predictions table without `patterns`: the hashes recorded before
+# the refactor (issue #14) and before that column, never to be re-recorded
+GOLDEN_BEFORE_PATTERNS = {
     (False, "config"): "80e8f974d240d104039a666fb0467cb78397803f2855fb5119ed041088677d4c",
     (False, "calibrated"): "694c90bfde4f0ca2681db3065d70e476f8555a80bc2a5b2567f70f10f36bcbee",
     (True, "config"): "d2465b8dd55f6cde62841646d625d36d0f09c863de6b2ee323006cac9d73f0c8",
@@ -64,4 +75,5 @@ def test_night_scores_byte_identical(bf16, verdict_name):
     out = score(bf16, verdict_name)
     labels = np.frombuffer(b"".join(out.column("pred_map").to_pylist()), np.uint8)
     assert len(np.unique(labels)) >= 3, "the golden model must paint several patterns to be a real check"
+    assert table_digest(out.drop_columns(["patterns"])) == GOLDEN_BEFORE_PATTERNS[(bf16, verdict_name)]
     assert table_digest(out) == GOLDEN[(bf16, verdict_name)]

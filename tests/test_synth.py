@@ -204,3 +204,177 @@ def test_background_fail_density_resembles_wm811k():
     small = dies < 600  # real None wafers on ~26 x 26 grids: median 0.17, p5 0.10, p95 0.24
     assert 0.13 < np.median(density[small]) < 0.22
     assert np.median(density[dies > 2000]) < 0.06  # smaller dies fail less (real: 0.02-0.04)
+
+
+# -- widening towards MixedWM38 (issue #13): each option's property, defaults unchanged ----------------
+SIDE_52 = {"size_min": 52, "size_max": 52, "wafers_per_lot": 1}  # MixedWM38's grid
+ID = {c.name: c.id for c in DEFAULT_CLASSES}
+
+
+def only(*kinds: str, **options) -> SynthConfig:
+    """52 x 52 wafers drawing exactly ``kinds``, no background fails unless ``options`` say so."""
+    base = {**SIDE_52, "pattern_free_fraction": 0.0, "background_rate": 0.0,
+            "pattern_weights": {k: float(k in kinds) for k in PATTERN_KINDS}}
+    return SynthConfig(**{**base, **options})
+
+
+def drawn(synth: SynthConfig, n: int = 60, seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    table = generate_wafers(n, seed=seed, synth=synth)
+    return list(zip(die_maps(table), label_maps(table)))
+
+
+def layer_from_rim(on: np.ndarray) -> np.ndarray:
+    """Taxicab die layer from the rim (1 = outermost), uncapped."""
+    layer, cur, k = np.zeros(on.shape, int), on.copy(), 1
+    while cur.any():
+        p = np.pad(cur, 1)
+        inner = cur & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        layer[cur & ~inner] = k
+        cur, k = inner, k + 1
+    return layer
+
+
+def radius(on: np.ndarray) -> np.ndarray:
+    """Distance from the wafer's centre in wafer radii."""
+    yy, xx = np.mgrid[:on.shape[0], :on.shape[1]]
+    return np.hypot(yy - yy[on].mean(), xx - xx[on].mean()) / np.sqrt(on.sum() / np.pi)
+
+
+def test_the_default_config_draws_the_wafers_it_drew_before_the_options():
+    """Digests recorded before the widening options existed: off, they draw no extra random number."""
+    import hashlib
+
+    def digest(table: pa.Table) -> str:
+        h = hashlib.sha256()
+        for name in table.column_names:
+            h.update(name.encode())
+            h.update(repr(table.column(name).to_pylist()).encode())
+        return h.hexdigest()
+
+    assert digest(generate_wafers(300, seed=3)) == "759aa052f50910d9b8869649e36833d2ddd03673b55472c006649bd49b47f718"
+    mixed = SynthConfig(pattern_free_fraction=0.0, mixed_fraction=0.6)
+    assert digest(generate_wafers(200, seed=4, synth=mixed)) == (
+        "fb7101a6f20da0ff10c524f3434c60bfa789098b54d8b315d612de9c3a7f37d9")
+
+
+def test_heavy_background_fails_at_a_rate_in_the_configured_range():
+    synth = only("scratch", background_rate=0.135, pattern_background_fraction=1.0,
+                 pattern_background_range=(0.2, 0.3))
+    # the fail share of the dies no pattern hit is the random rate (binomial noise ~0.01 on ~2,000 dies)
+    shares = [((d == FAIL) & (lab == 0)).sum() / ((d != NO_DIE) & (lab == 0)).sum() for d, lab in drawn(synth)]
+    assert 0.16 < min(shares) and max(shares) < 0.34
+    assert min(shares) < 0.23 and max(shares) > 0.27  # drawn across the range, not one rate
+    today = [((d == FAIL) & (lab == 0)).sum() / ((d != NO_DIE) & (lab == 0)).sum()
+             for d, lab in drawn(only("scratch", background_rate=0.135))]
+    assert np.median(today) < 0.1
+
+
+def test_thick_edge_rings_fill_their_radial_width():
+    ring = {"ring_donut_fraction": 0.0, "ring_partial_fraction": 0.0}
+    thick = only("ring", **ring, ring_thick_fraction=1.0, ring_thick_dies=(3.0, 3.0))
+
+    def profile(synth):  # median share of ring dies in die layers 1..7 from the rim
+        return np.median([[np.mean(lab[layer == k] == ID["ring"]) for k in range(1, 8)]
+                          for d, lab in drawn(synth) for layer in [layer_from_rim(d != NO_DIE)]], axis=0)
+
+    wide, thin = profile(thick), profile(only("ring", **ring))
+    assert (wide[:3] > 0.6).all() and (wide[5:] < 0.05).all()  # three dies wide, nothing past ~5
+    assert thin[2] < 0.2  # today's rings: the third layer only in places
+
+
+def test_mixed_wafers_carry_two_to_four_patterns_at_the_configured_rates():
+    def classes(synth):
+        return [len(set(np.unique(lab)) - {0}) for _, lab in drawn(synth, n=100)]
+
+    four = classes(SynthConfig(**SIDE_52, pattern_free_fraction=0.0, mixed_fraction=1.0, mixed_three_fraction=0.0,
+                               mixed_four_fraction=1.0))
+    assert min(four) >= 3 and np.mean(np.array(four) == 4) >= 0.95  # a scratch may hide a small pattern
+    two = classes(SynthConfig(**SIDE_52, pattern_free_fraction=0.0, mixed_fraction=1.0, mixed_three_fraction=0.0))
+    assert min(two) >= 2 and max(two) == 2
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        SynthConfig(mixed_three_fraction=0.6, mixed_four_fraction=0.5)
+
+
+def test_double_rings_and_local_zones_draw_both_kinds():
+    donut = {"ring_donut_fraction": 1.0, "ring_partial_fraction": 0.0}
+    for f, want in ((1.0, 1.0), (0.0, 0.0)):  # a donut alone never reaches the rim
+        rims = [np.mean(lab[layer_from_rim(d != NO_DIE) == 1] == ID["ring"]) > 0.5
+                for d, lab in drawn(only("ring", **donut, double_ring_fraction=f))]
+        assert np.mean(rims) == want
+    inside_first = {"local_edge_fraction": 0.0}
+    both = [(lab[layer_from_rim(d != NO_DIE) == 1] == ID["local zone"]).any()
+            for d, lab in drawn(only("local zone", **inside_first, double_local_fraction=1.0))]
+    alone = [(lab[layer_from_rim(d != NO_DIE) == 1] == ID["local zone"]).any()
+             for d, lab in drawn(only("local zone", **inside_first))]
+    assert all(both) and np.mean(alone) < 0.5
+
+
+def test_a_crossing_scratch_runs_across_the_donut():
+    def crossing(f):
+        synth = only("ring", "scratch", mixed_fraction=1.0, mixed_three_fraction=0.0, ring_donut_fraction=1.0,
+                     ring_partial_fraction=0.0, scratch_cross_fraction=f)
+        out = []
+        for d, lab in drawn(synth, n=100):
+            r = radius(d != NO_DIE)
+            scratch, ring = r[lab == ID["scratch"]], r[lab == ID["ring"]]
+            out.append(scratch.size > 0 and ring.size > 0 and scratch.min() < np.median(ring) < scratch.max())
+        return np.mean(out)
+
+    assert crossing(1.0) >= 0.95 and crossing(0.0) < 0.85
+
+
+def test_small_centres_are_small_dense_and_central():
+    for d, lab in drawn(only("circle", circle_small_fraction=1.0, circle_small_dies=(2.0, 3.0))):
+        on, dies = d != NO_DIE, lab == ID["circle"]
+        assert 4 <= dies.sum() <= np.pi * 3.5**2 * 1.15  # radius 2-3 dies (elongation <= 1.15)
+        assert (radius(on)[dies] * np.sqrt(on.sum() / np.pi)).max() < 7  # within ~6 dies of the centre
+    today = [int((lab == ID["circle"]).sum()) for _, lab in drawn(only("circle"))]
+    assert np.median(today) > 60
+
+
+def test_local_zones_of_every_size():
+    def sizes(**options):
+        return [(lab == ID["local zone"]).sum() / (d != NO_DIE).sum()
+                for d, lab in drawn(only("local zone", local_edge_fraction=0.0, **options), n=200)]
+
+    p10, p90 = np.percentile(sizes(local_any_size_fraction=1.0), [10, 90])
+    assert p10 < 0.005 and p90 > 0.09  # specks of a few dies to zones of a tenth of the wafer
+    t10, t90 = np.percentile(sizes(), [10, 90])
+    assert p90 / p10 > 1.5 * t90 / t10
+
+
+def test_dense_patterns_fill_their_core():
+    def core_fill(**options):
+        out = []
+        for d, lab in drawn(only("circle", **options)):
+            dies = lab == ID["circle"]
+            yy, xx = np.mgrid[:d.shape[0], :d.shape[1]]
+            core = np.hypot(yy - yy[dies].mean(), xx - xx[dies].mean()) <= 0.6 * np.sqrt(dies.sum() / np.pi)
+            out.append(dies[core & (d != NO_DIE)].mean())
+        return np.median(out)
+
+    assert core_fill(dense_fraction=1.0) >= 0.85 > core_fill()
+
+
+def test_bad_ranges_are_refused():
+    with pytest.raises(ValueError, match="ring_thick_dies must be"):
+        SynthConfig(ring_thick_dies=(4.0, 2.0))
+    with pytest.raises(ValueError, match="pattern_background_range must be"):
+        SynthConfig(pattern_background_range=(0.1, 1.5))
+
+
+def test_the_suggested_broad_block_in_the_default_config_is_broad_options():
+    """configs/default.yaml carries the widening as a commented block: uncommented it is BROAD_OPTIONS."""
+    import yaml
+
+    from fcn_core.config import resolve_config_path
+    from fcn_core.synth import BROAD_OPTIONS
+
+    text = resolve_config_path("default").read_text()
+    block = re.search(r"# >>> broad generator.*?\n(.*?)# <<< broad generator", text, re.S)
+    assert block, "the commented block is missing from configs/default.yaml"
+    lines = [m.group(1) for line in block.group(1).splitlines() if (m := re.match(r"^\s*# ([a-z_]+: .*)$", line))]
+    suggested = yaml.safe_load("\n".join(lines))
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in suggested.items()} == BROAD_OPTIONS
+    assert SynthConfig(**suggested).mixed_four_fraction == BROAD_OPTIONS["mixed_four_fraction"]
+    assert generate_wafers(40, seed=2, synth=SynthConfig(**BROAD_OPTIONS)).num_rows == 40

@@ -13,7 +13,15 @@ from fcn_core.verdicts import (
     LABEL_MAP,
     UNLABELLED,
     calibrate_verdict,
+    calibrate_verdict_multilabel,
     count_fail_dies,
+    die_metrics,
+    die_purity,
+    false_alarm_share,
+    multilabel_metrics,
+    multilabel_scores,
+    parse_patterns,
+    patterns_strings,
     dataset_label_patterns,
     map_dataset_label,
     dies_column,
@@ -95,7 +103,8 @@ def test_wafer_verdicts_count_only_fail_dies() -> None:
     assert v.dominant_pattern == ["ring", "none"]
     assert v.to_pandas().columns.tolist() == [
         "dies_background", "dies_ring", "dies_scratch", "dies_local_zone", "dies_circle",
-        "fail_dies", "dominant_pattern", "dominant_share", "patterns_present"]
+        "fail_dies", "dominant_pattern", "dominant_share", "patterns", "patterns_present"]
+    assert v.patterns == ["ring", "none"]
 
 
 def test_vectorised_counts_match_a_plain_loop() -> None:
@@ -342,3 +351,124 @@ def test_calibration_keeps_the_shape_rules_it_is_given() -> None:
     best, _ = calibrate_verdict(dies, ["Scratch", "None"], class_names=CLASSES, source="s",
                                 min_elongation_by_class={"scratch": 4.0})
     assert best.min_elongation_by_class == {"scratch": 4.0} and best.calibrated_on == "s"
+
+
+# -- multi-label verdicts (issue #13) ---------------------------------------------------------------
+def test_patterns_names_every_present_pattern_in_class_id_order() -> None:
+    # single, mixed (circle outnumbers ring and scratch: still listed in class-id order), none
+    dies = counts([10, 8, 0, 0, 0], [0, 5, 4, 0, 9], [50, 1, 2, 0, 0], [0, 0, 0, 0, 0])
+    v = verdicts_from_counts(dies, class_names=CLASSES, verdict=VerdictConfig(min_dies=3, min_share=0.0))
+    assert v.patterns == ["ring", "ring+scratch+circle", "none", "none"]
+    assert v.dominant_pattern == ["ring", "circle", "none", "none"]  # dominant_pattern stays as it was
+    assert v[1].patterns == "ring+scratch+circle" and v.columns()["patterns"] == v.patterns
+    assert [sorted(parse_patterns(p)) for p in v.patterns] == [sorted(p) for p in v.patterns_present]
+
+
+def test_patterns_follow_the_per_pattern_thresholds() -> None:
+    # 100 fail dies: ring 6 (6 %), scratch 4 (4 %), local zone 12 (12 %)
+    dies = counts([78, 6, 4, 12, 0])
+    v = VerdictConfig(min_dies=5, min_share=0.05, min_dies_by_class={"scratch": 3},
+                      min_share_by_class={"local zone": 0.15, "scratch": 0.04})
+    assert verdicts_from_counts(dies, class_names=CLASSES, verdict=v).patterns == ["ring+scratch"]
+    stricter = v.model_copy(update={"min_share_by_class": {"local zone": 0.12, "scratch": 0.041}})
+    assert verdicts_from_counts(dies, class_names=CLASSES, verdict=stricter).patterns == ["ring+local zone"]
+
+
+def test_patterns_agree_with_the_die_columns_and_thresholds_on_random_counts() -> None:
+    rng = np.random.default_rng(13)
+    dies = rng.integers(0, 30, size=(300, len(CLASSES))) * (rng.random((300, len(CLASSES))) < 0.5)
+    cfg = VerdictConfig(min_dies=5, min_share=0.1, min_dies_by_class={"scratch": 3})
+    table = verdicts_from_counts(dies, class_names=CLASSES, verdict=cfg).to_pandas()
+    md, ms = cfg.thresholds(CLASSES[1:])
+    for _, row in table.iterrows():
+        want = [n for n, d, s in zip(CLASSES[1:], md, ms)
+                if row[dies_column(n)] >= d and row[dies_column(n)] >= s * max(row["fail_dies"], 1)]
+        assert row["patterns"] == ("+".join(want) or "none")
+    assert {"none", "ring"} <= set(table["patterns"]) and table["patterns"].str.count(r"\+").max() >= 2
+
+
+def test_patterns_strings_checks_its_matrix() -> None:
+    assert patterns_strings(np.zeros((0, 4), bool), CLASSES[1:]) == []
+    with pytest.raises(ValueError, match="expected"):
+        patterns_strings(np.zeros((2, 3), bool), CLASSES[1:])
+    with pytest.raises(ValueError, match="must not contain"):
+        patterns_strings(np.zeros((1, 2), bool), ["ring", "ring+scratch"])
+
+
+# -- multi-label scores ---------------------------------------------------------------------------------
+def test_multilabel_scores_by_hand() -> None:
+    labels = ["Center+Scratch", "Donut+Edge-Ring", "Edge-Loc+Loc+Scratch", "None", "Near-full", "Edge-Ring"]
+    pred = ["circle", "ring", "scratch+local zone", "ring", "none", "ring+scratch"]
+    s = multilabel_scores(labels, pred, pattern_names=CLASSES[1:])
+    assert s["n"] == 5 and s["excluded"] == {"Near-full": 1}
+    # exact: wafers 1 (ring) and 2 (local zone+scratch); wafer 0 misses scratch, 3 and 5 add patterns
+    assert s["exact_match"] == pytest.approx(2 / 5)
+    per = s["per_pattern"]
+    # ring: true on 1, 5; predicted on 1, 3, 5 -> tp 2 fp 1 fn 0
+    assert (per["ring"]["precision"], per["ring"]["recall"]) == (pytest.approx(2 / 3), 1.0)
+    assert per["ring"]["f1"] == pytest.approx(0.8) and per["ring"]["support"] == 2
+    # scratch: true on 0, 2; predicted on 2, 5 -> tp 1 fp 1 fn 1
+    assert per["scratch"]["f1"] == pytest.approx(0.5)
+    assert per["local zone"]["f1"] == 1.0 and per["circle"]["f1"] == 1.0
+    assert s["macro_f1"] == pytest.approx((0.8 + 0.5 + 1 + 1) / 4)
+    m = multilabel_metrics(s)
+    assert m["mixed_exact_match"] == pytest.approx(0.4) and m["mixed_f1_local_zone"] == 1.0
+    with pytest.raises(ValueError, match="not among"):
+        multilabel_scores(["Center"], ["blob"], pattern_names=CLASSES[1:])
+    with pytest.raises(ValueError, match="2 dataset labels but 1"):
+        multilabel_scores(["Center", "Loc"], ["circle"], pattern_names=CLASSES[1:])
+
+
+def test_die_purity_and_false_alarm_share_by_hand() -> None:
+    # columns: background, ring, scratch, local zone, circle
+    dies = counts([5, 9, 0, 1, 0],    # Edge-Ring: 9 of 10 pattern dies are ring
+                  [2, 10, 0, 0, 0],   # Donut: 10 of 10
+                  [0, 3, 0, 1, 0],    # Loc: 1 of 4
+                  [7, 0, 0, 0, 0],    # Loc: no pattern die, adds nothing
+                  [90, 2, 0, 0, 0],   # None: 2 of 92 fail dies given a pattern
+                  [50, 0, 0, 0, 8],   # Random: 8 of 58
+                  [9, 9, 9, 9, 9])    # Near-full: left out of both
+    labels = ["Edge-Ring", "Donut", "Loc", "Loc", "None", "Random", "Near-full"]
+    p = die_purity(dies, labels, class_names=CLASSES)
+    assert p["purity"] == pytest.approx(20 / 24) and (p["pattern_dies"], p["wafers"]) == (24, 4)
+    assert p["by_label"]["Loc"] == {"purity": 0.25, "pattern_dies": 4, "wafers": 2}
+    assert p["by_label"]["Edge-Ring"]["purity"] == pytest.approx(0.9)
+    f = false_alarm_share(dies, labels, class_names=CLASSES)
+    assert f["share"] == pytest.approx(10 / 150) and (f["fail_dies"], f["wafers"]) == (150, 2)
+    assert f["by_label"]["Random"]["share"] == pytest.approx(8 / 58)
+    assert f["wafers_with_pattern_dies"] == 1.0
+    m = die_metrics(p, f)
+    assert m["real_die_purity_edge_ring"] == pytest.approx(0.9) and m["real_false_alarm_share"] == f["share"]
+    assert np.isnan(die_purity(dies[4:6], labels[4:6], class_names=CLASSES)["purity"])  # no pattern wafer
+    with pytest.raises(ValueError, match="one row per dataset label"):
+        die_purity(dies[:2], labels, class_names=CLASSES)
+
+
+def test_multilabel_calibration_picks_per_pattern_thresholds() -> None:
+    # ring wafers show 4 ring dies; 'None' wafers carry 6 stray scratch dies; true scratches 20
+    dies = counts(*[[30, 4, 0, 0, 0]] * 3, *[[30, 0, 6, 0, 0]] * 3, *[[30, 4, 20, 0, 0]] * 3)
+    labels = ["Edge-Ring"] * 3 + ["None"] * 3 + ["Edge-Ring+Scratch"] * 3
+    shared, shared_f1 = calibrate_verdict_multilabel(dies, labels, class_names=CLASSES, source="s",
+                                                     min_dies=(3, 8), min_share=(0.02,), per_class_sweeps=0)
+    # one pair for all: 3 dies keeps the rings but flags the stray scratches (scratch F1 3/4.5), 8 drops
+    # the rings (F1 0, scratch 1): 3 wins with (1 + 2/3) / 4 over (0 + 1) / 4
+    assert shared.min_dies == 3 and shared_f1 == pytest.approx((1 + 2 / 3) / 4)
+    best, f1 = calibrate_verdict_multilabel(dies, labels, class_names=CLASSES, source="s", min_dies=(3, 8),
+                                            min_share=(0.02,))
+    assert best.thresholds(CLASSES[1:])[0][:2] == [3, 8] and f1 == pytest.approx(2 / 4)
+    v = verdicts_from_counts(dies, class_names=CLASSES, verdict=best)
+    assert v.patterns == ["ring"] * 3 + ["none"] * 3 + ["ring+scratch"] * 3
+    assert f1 == pytest.approx(multilabel_scores(labels, v.patterns, pattern_names=CLASSES[1:])["macro_f1"])
+    assert best.calibrated_on == "s"
+
+
+def test_dataset_labels_as_patterns_strings() -> None:
+    from fcn_core.verdicts import dataset_patterns_string
+
+    names = CLASSES[1:]
+    assert dataset_patterns_string("Scratch+Center+Donut", names) == "ring+scratch+circle"
+    assert dataset_patterns_string("Donut+Edge-Ring", names) == "ring"
+    assert [dataset_patterns_string(x, names) for x in ("None", "Random", "Near-full", None)] == [
+        "none", "none", None, None]
+    assert miss_examples([dataset_patterns_string("Center+Loc", names)], ["circle"]) == [
+        ("local zone+circle", "circle", [0])]

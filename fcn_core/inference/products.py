@@ -2,7 +2,7 @@
 
 Columns: wafer_id, lot_id, captured_at, height, width, pred_map, ``dies_<class>`` per pattern
 class (:func:`fcn_core.verdicts.dies_column`), fail_dies, yield, dominant_pattern,
-dominant_share, model_name, model_version, then any ``extra`` string columns (run ids).
+dominant_share, patterns (the multi-label verdict: 'ring+scratch' or 'none'), model_name, model_version, then any ``extra`` string columns (run ids).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def predictions_table(
     columns["yield"] = pa.array(np.divide(n_pass, on_wafer, out=np.zeros(n), where=on_wafer > 0), pa.float64())
     columns["dominant_pattern"] = pa.array(verdicts.dominant_pattern, pa.string())
     columns["dominant_share"] = pa.array(verdicts.dominant_share, pa.float64())
+    columns["patterns"] = pa.array(verdicts.patterns, pa.string())
     columns["model_name"] = pa.array([model_name] * n, pa.string())
     columns["model_version"] = pa.array([str(model_version)] * n, pa.string())
     for key, value in (extra or {}).items():
