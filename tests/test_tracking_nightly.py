@@ -4,6 +4,7 @@ night as step so counts and pattern rates chart as trends (a real SQLite store).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +43,11 @@ def test_each_night_is_a_run_in_the_nightly_experiment_with_night_steps(cfg, tmp
     exp = client.get_experiment_by_name("wafer-fcn-nightly")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.artifact_location == (Path(cfg.home) / "mlartifacts").as_uri()
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{nightly.NIGHTS_VIEW_KEY}"])
+    assert view["globalLineChartConfig"]["xAxisKey"] == "time"  # charts against the nights' dates
+    assert nightly.nights_chart_url("http://ui", exp.experiment_id) == (
+        f"http://ui/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={nightly.NIGHTS_VIEW_KEY}"
+        "&compareRunsMode=CHART&workflowType=machine_learning")
     assert not client.search_runs([client.get_experiment_by_name("wafer-fcn").experiment_id])  # no training runs
 
     run = client.get_run(first)

@@ -196,7 +196,11 @@ def test_versions_say_what_they_are_link_their_model_and_keep_the_alias_history(
     assert model.tags["champion_version"] == "3"
     table = model.description.split("## Alias history")[1]
     assert table.index("| v3 |") < table.index("| v1 |")  # newest first
-    run_tags = client.get_run(run1).data.tags
+    run = client.get_run(run1)  # the run page lists its logged model and says what it registered
+    assert [o.model_id for o in run.outputs.model_outputs] == [v1.tags["model_id"]]
+    assert run.data.tags["mlflow.note.content"].startswith("Registered as **fcn-story v1**.")
+    assert "**Promoted to `champion`**" in run.data.tags["mlflow.note.content"]
+    run_tags = run.data.tags
     assert "registry.previous_champion_version" not in run_tags and run_tags["registry.stage"] == "fcn8s"
     assert client.get_run(run2).data.tags["registry.previous_champion_version"] == "1"
     for run_id in (run1, run2, run3):

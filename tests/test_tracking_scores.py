@@ -78,7 +78,7 @@ def test_runs_table_view_shows_score_columns(home, client):
     assert "metrics.`real_macro_f1`" in state["selectedColumns"]
     assert state["orderByKey"] == "attributes.start_time" and state["orderByAsc"] is False
     assert runs.runs_table_url("http://ui:5000/", exp.experiment_id) == \
-        f"http://ui:5000/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={runs.RUNS_VIEW_KEY}"
+        f"http://ui:5000/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={runs.RUNS_VIEW_KEY}&workflowType=machine_learning"
 
 
 # -- scores -------------------------------------------------------------------------------------------

@@ -27,14 +27,23 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 
 from fcn_core.config import Config
-from tracking.runs import end_run, log_files
+from tracking.runs import end_run, log_files, set_shared_view, shared_view_url
 from tracking.store import MODEL_TRAINING_KIND, RetryingClient, experiment_id, open_store
 
 NIGHTLY_SUFFIX = "-nightly"
+NIGHTS_VIEW_KEY = "wafer-fcn-nights"  # shared view: charts against each night's date (metric timestamps)
+NIGHTS_VIEW = {"globalLineChartConfig": {"xAxisKey": "time", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+               "selectedColumns": ["metrics.`wafers_scored`", "metrics.`jump_warnings`", "metrics.`rate_none`"],
+               "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
 def nightly_experiment(cfg: Config) -> str:
     return f"{cfg.tracking.experiment}{NIGHTLY_SUFFIX}"
+
+
+def nights_chart_url(ui_url: str, experiment: str) -> str:
+    """The nightly experiment's charts, one point per night on a date axis (:data:`NIGHTS_VIEW`)."""
+    return shared_view_url(ui_url, experiment, NIGHTS_VIEW_KEY, charts=True)
 
 
 def night_step(night: str) -> tuple[int, int]:
@@ -120,6 +129,7 @@ def log_night(
         raise FileNotFoundError(f"nightly MLflow record of {night}: no such picture {', '.join(missing)}")
     client = client or open_store(cfg)
     experiment = experiment_id(client, cfg, name=nightly_experiment(cfg), kind=MODEL_TRAINING_KIND)
+    set_shared_view(client, experiment, NIGHTS_VIEW_KEY, NIGHTS_VIEW)
     model = f"{model_name}/{model_version}"
     info = {"night": night, "model": model, "predictions": str(predictions)}
     tags = {**info, "wafer_fcn.run_kind": "nightly", "model_name": model_name, "model_version": str(model_version),

@@ -315,7 +315,11 @@ def log_scorer_model(client: RetryingClient, run_id: str, scorer: Scorer):
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
-    return client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    ready = client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])  # the run page's "Logged models"
+    return ready
 
 
 REGISTERED_MODEL_SUMMARY = "wafer-fcn per-die defect-pattern segmentation (FCN); see docs/mlflow.md"
@@ -523,6 +527,8 @@ def register_model(
         tags.append(RunTag("registry.previous_champion_version", champion.version))
     if decision.override:
         tags.append(RunTag("registry.override", "replace_unloadable_champion"))
+    # the run page's description: what this training registered and why it (did not) take champion
+    tags.append(RunTag("mlflow.note.content", f"Registered as **{name} v{version}**.\n\n{description}"))
     client.log_batch(run_id, metrics=metrics, tags=tags)
     return RegistrationResult(
         name=name, version=version, alias=decision.alias, candidate_score=float(candidate_score),

@@ -79,20 +79,32 @@ def parent_run_name(cfg: Config, data_fingerprint: str, *, when: float | None = 
     return f"{cfg.name}-{day}-{data_fingerprint[:6]}"
 
 
-def set_runs_view(client: RetryingClient, experiment: str, *, columns: Iterable[str] = RUNS_VIEW_COLUMNS) -> None:
-    """Store the runs-table view (score columns, newest first) as the experiment's shared view."""
-    state = {"selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
-                                 *(f"metrics.`{key}`" for key in columns)],
-             "orderByKey": "attributes.start_time", "orderByAsc": False}
+def set_shared_view(client: RetryingClient, experiment: str, key: str, state: dict[str, Any]) -> None:
+    """Store a runs-page view (columns, order, chart axis) as the experiment's shared view ``key``."""
     value = json.dumps(state, separators=(",", ":"))
-    tag = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+    tag = f"mlflow.sharedViewState.{key}"
     if client.get_experiment(experiment).tags.get(tag) != value:
         client.set_experiment_tag(experiment, tag, value)
 
 
+def shared_view_url(ui_url: str, experiment: str, key: str, *, charts: bool = False) -> str:
+    """Link to an experiment's runs page in the shared view ``key`` (the chart view when ``charts``),
+    in the UI's "Model training" mode (its side bar otherwise remembers the GenAI mode of a first visit)."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs?viewStateShareKey={key}{mode}"
+            "&workflowType=machine_learning")
+
+
+def set_runs_view(client: RetryingClient, experiment: str, *, columns: Iterable[str] = RUNS_VIEW_COLUMNS) -> None:
+    """The training experiment's runs table: models, score columns and datasets, newest first."""
+    set_shared_view(client, experiment, RUNS_VIEW_KEY, {
+        "selectedColumns": ["attributes.`Models`", *(f"metrics.`{key}`" for key in columns), "attributes.`Dataset`"],
+        "orderByKey": "attributes.start_time", "orderByAsc": False})
+
+
 def runs_table_url(ui_url: str, experiment: str) -> str:
-    """Link to the experiment's runs table with the score columns of :func:`set_runs_view`."""
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+    """Link to the training runs table with the score columns of :func:`set_runs_view`."""
+    return shared_view_url(ui_url, experiment, RUNS_VIEW_KEY)
 
 
 def start_parent_run(client: RetryingClient, cfg: Config, *, data_fingerprint: str,
