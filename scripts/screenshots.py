@@ -11,7 +11,7 @@ through the MLflow API, and saves, in ``--out`` (default docs/img):
 
     mlflow_runs.png           the training experiment's runs table (score columns view)
     mlflow_run.png            the champion's training parent run (else the newest training)
-    mlflow_ladder.png         that run's model-metric charts (test_fail_mean_iu by stage)
+    mlflow_ladder.png         the experiment's test-score charts: stage on x (0 = FCN-32s ...), a line per training
     mlflow_version.png        the champion's registered version
     mlflow_logged_model.png   the champion's logged model (shows the version it is registered as)
     mlflow_nightly.png        the newest nightly run
@@ -39,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"mlflow_runs": "1900,800", "mlflow_version": "1400,1500", "mlflow_run": "1400,1300",
-         "mlflow_ladder": "1400,1700", "mlflow_nightly_trend": "1600,1100"}  # else --size
+         "mlflow_ladder": "1600,1000", "mlflow_nightly_trend": "1600,1100"}  # else --size
 BUDGETS = {"mlflow_ladder": 60000, "mlflow_nightly_trend": 60000}  # ms; the charts draw late (else --budget-ms)
 sys.path.insert(0, str(REPO))
 
@@ -92,7 +92,7 @@ def mlflow_pages(tracking_uri: str, ui: str, *, experiment: str, model: str) -> 
     from mlflow import MlflowClient
 
     from tracking.nightly import NIGHTLY_SUFFIX, nights_chart_url
-    from tracking.runs import runs_table_url
+    from tracking.runs import ladder_chart_url, runs_table_url
 
     client = MlflowClient(tracking_uri)
     pages: dict[str, str] = {}
@@ -101,6 +101,7 @@ def mlflow_pages(tracking_uri: str, ui: str, *, experiment: str, model: str) -> 
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in {tracking_uri}: run a training (make demo) first")
     pages["mlflow_runs"] = runs_table_url(ui, exp.experiment_id)
+    pages["mlflow_ladder"] = ladder_chart_url(ui, exp.experiment_id)
     try:
         version = client.get_model_version_by_alias(model, "champion")
     except Exception:  # noqa: BLE001 - nothing registered: those pages are skipped
@@ -111,7 +112,7 @@ def mlflow_pages(tracking_uri: str, ui: str, *, experiment: str, model: str) -> 
     run = version.run_id if version is not None and version.run_id else trainings[0].info.run_id if trainings else None
     if run:
         pages["mlflow_run"] = f"{ui}/#/experiments/{exp.experiment_id}/runs/{run}{ml}"
-        pages["mlflow_ladder"] = f"{ui}/#/experiments/{exp.experiment_id}/runs/{run}/model-metrics{ml}"
+
     if version is not None:
         pages["mlflow_version"] = f"{ui}/#/models/{model}/versions/{version.version}{ml}"
         if model_id := version.tags.get("model_id"):

@@ -77,6 +77,10 @@ def test_runs_table_view_shows_score_columns(home, client):
     assert "metrics.`test_fail_mean_iu`" in state["selectedColumns"]
     assert "metrics.`real_macro_f1`" in state["selectedColumns"]
     assert state["orderByKey"] == "attributes.start_time" and state["orderByAsc"] is False
+    ladder = json.loads(exp.tags[f"mlflow.sharedViewState.{runs.LADDER_VIEW_KEY}"])
+    assert ladder["chartsSearchFilter"] == "test_fail" and ladder["globalLineChartConfig"]["xAxisKey"] == "step"
+    assert runs.ladder_chart_url("http://ui:5000", exp.experiment_id).endswith(
+        f"runs?viewStateShareKey={runs.LADDER_VIEW_KEY}&compareRunsMode=CHART&workflowType=machine_learning")
     assert runs.runs_table_url("http://ui:5000/", exp.experiment_id) == \
         f"http://ui:5000/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={runs.RUNS_VIEW_KEY}&workflowType=machine_learning"
 

@@ -45,6 +45,7 @@ EPOCH_METRIC_KEYS = {"val_mean_iu": "val_fail_mean_iu", "val_pixel_acc": "val_fa
 # the experiment tag ``mlflow.sharedViewState.<key>`` when the URL carries ``?viewStateShareKey=<key>``
 # (the UI's "share view"). ``runs_table_url`` gives that link.
 RUNS_VIEW_KEY = "wafer-fcn-scores"
+LADDER_VIEW_KEY = "wafer-fcn-ladder"  # the chart view: test scores by stage (step), every training
 RUNS_VIEW_COLUMNS = ("test_fail_mean_iu", "test_fail_pixel_acc", "real_macro_f1", "real_accuracy",
                      "registry/candidate_score")
 
@@ -102,6 +103,18 @@ def set_runs_view(client: RetryingClient, experiment: str, *, columns: Iterable[
         "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
+def set_ladder_view(client: RetryingClient, experiment: str) -> None:
+    """The training experiment's charts narrowed to the test scores: one line per training, stage on x."""
+    set_shared_view(client, experiment, LADDER_VIEW_KEY, {
+        "chartsSearchFilter": "test_fail", "orderByKey": "attributes.start_time", "orderByAsc": False,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}})
+
+
+def ladder_chart_url(ui_url: str, experiment: str) -> str:
+    """Link to :func:`set_ladder_view`'s charts (x: 0 = FCN-32s ... 5 = FCN-1s, 6 = fine-tuned)."""
+    return shared_view_url(ui_url, experiment, LADDER_VIEW_KEY, charts=True)
+
+
 def runs_table_url(ui_url: str, experiment: str) -> str:
     """Link to the training runs table with the score columns of :func:`set_runs_view`."""
     return shared_view_url(ui_url, experiment, RUNS_VIEW_KEY)
@@ -121,6 +134,7 @@ def start_parent_run(client: RetryingClient, cfg: Config, *, data_fingerprint: s
         tags["mlflow.user"] = user
     experiment = experiment_id(client, cfg)
     set_runs_view(client, experiment)
+    set_ladder_view(client, experiment)
     run = client.create_run(experiment, run_name=run_name or parent_run_name(cfg, data_fingerprint), tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, cfg.flat())
