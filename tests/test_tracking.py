@@ -164,13 +164,16 @@ def test_stage_run_is_nested_with_epoch_and_system_metrics(home, client):
     time.sleep(0.6)  # a few system-metric samples
     runs.end_run(client, stage)
     run = client.get_run(stage)
-    assert run.info.run_name == "fcn16s" and run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.run_name == "FCN-16s" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["stage"] == "fcn16s"
     assert run.data.tags["data_fingerprint"] == "f" * 16
     assert run.data.params["lr"] == "0.0005" and run.data.params["stage"] == "fcn16s"
     history = client.get_metric_history(stage, "train_loss")
     assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
     assert client.get_metric_history(stage, "wafers_per_s")[-1].value == 102.0
+    # validation scores are on fail dies: the key says so
+    assert [round(m.value, 4) for m in client.get_metric_history(stage, "val_fail_mean_iu")] == [0.5, 0.6, 0.7]
+    assert "val_mean_iu" not in run.data.metrics
     assert "note" not in run.data.metrics and "flag" not in run.data.metrics and "epoch" not in run.data.metrics
     assert "system/cpu_utilization_percentage" in run.data.metrics
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):

@@ -156,6 +156,57 @@ def test_alias_policy_worse_model_never_takes_champion(home, client, tmp_path):
     assert client.get_model_version("fcn-policy", "3").tags["decision"] == "champion"
 
 
+def test_versions_say_what_they_are_link_their_model_and_keep_the_alias_history(home, client, tmp_path):
+    cfg = make_cfg(home, registered_model="fcn-story")
+    path = write_scorer(tmp_path / "scorer.pt", cfg, seed=6, verdict=CALIBRATED)
+    run1, first = register(client, cfg, path, 0.70)
+    run2, worse = register(client, cfg, path, 0.60, champion_now=0.71)
+    run3 = runs.start_parent_run(client, cfg, data_fingerprint="a" * 16)
+    better = registry.register_model(cfg, client=client, run_id=run3, scorer_path=path, candidate_score=0.8,
+                                     rescore=lambda s: 0.7, stage="finetune")
+    assert (first.alias, worse.alias, better.alias) == ("champion", "challenger", "champion")
+
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'fcn-story'")}
+    for number, v in versions.items():
+        assert all(value.strip() for value in v.tags.values()), (number, v.tags)  # filled or absent
+        # MLflow 3.17's SQL registry keeps no model_id column (v.model_id is None): the version names
+        # its logged model in the tag model_id, and the logged model lists the version (the UI reads that)
+        logged = client.get_logged_model(v.tags["model_id"])
+        assert logged.source_run_id == v.run_id
+        assert {"name": "fcn-story", "version": number} in json.loads(logged.tags["mlflow.modelVersions"])
+    v1, v2, v3 = versions["1"], versions["2"], versions["3"]
+    assert "champion_score" not in v1.tags and "previous_champion_version" not in v1.tags
+    assert "override" not in v1.tags and v1.tags["stage"] == "fcn8s"
+    assert v1.tags["architecture"] == "fcn8s, preset compact, geometry aligned, 5 classes"
+    for text in ("**FCN-8s** (stage `fcn8s`", "fcn8s, preset compact", "test mean IU on fail dies **0.7000**",
+                 "`ffffffffffffffff`", CALIBRATED.describe(), "**Promoted to `champion`**: first registered version"):
+        assert text in v1.description, text
+    assert "**Not promoted** (alias `challenger`; v1 stays `champion`)" in v2.description
+    assert "champion v1 re-scored on the same test split: 0.7100" in v2.description
+    assert v3.tags["stage"] == "finetune" and "**fine-tuned on real maps** (stage `finetune`" in v3.description
+    assert "`aaaaaaaaaaaaaaaa`" in v3.description
+
+    # alias history: who held champion, since when, who replaced whom
+    history = registry.champion_history(client, "fcn-story")
+    assert [(h["version"], h["score"]) for h in history] == [("1", 0.7), ("3", 0.8)]
+    assert v3.tags["champion_since"] == history[1]["since"]
+    assert v1.tags["champion_until"] == history[1]["since"] and v1.tags["replaced_by_version"] == "3"
+    assert "champion_since" not in v2.tags
+    model = client.get_registered_model("fcn-story")
+    assert model.tags["champion_version"] == "3"
+    table = model.description.split("## Alias history")[1]
+    assert table.index("| v3 |") < table.index("| v1 |")  # newest first
+    run = client.get_run(run1)  # the run page lists its logged model and says what it registered
+    assert [o.model_id for o in run.outputs.model_outputs] == [v1.tags["model_id"]]
+    assert run.data.tags["mlflow.note.content"].startswith("Registered as **fcn-story v1**.")
+    assert "**Promoted to `champion`**" in run.data.tags["mlflow.note.content"]
+    run_tags = run.data.tags
+    assert "registry.previous_champion_version" not in run_tags and run_tags["registry.stage"] == "fcn8s"
+    assert client.get_run(run2).data.tags["registry.previous_champion_version"] == "1"
+    for run_id in (run1, run2, run3):
+        runs.end_run(client, run_id)
+
+
 def test_unloadable_champion_keeps_champion_unless_overridden(home, client, tmp_path):
     cfg = make_cfg(home, registered_model="fcn-hidden")
     path = write_scorer(tmp_path / "scorer.pt", cfg, seed=4)
@@ -166,7 +217,8 @@ def test_unloadable_champion_keeps_champion_unless_overridden(home, client, tmp_
     assert (worse.alias, worse.champion_score, worse.override) == ("challenger", None, False)
     assert "does not load" in worse.reason and "stays champion" in worse.reason
     assert str(client.get_model_version_by_alias("fcn-hidden", "champion").version) == "1"
-    assert client.get_run(run_id).data.tags["registry.override"] == ""
+    assert "registry.override" not in client.get_run(run_id).data.tags  # absent, never blank
+    assert "override" not in client.get_model_version("fcn-hidden", "2").tags
     folder.with_name("hidden").rename(folder)  # back: v1 still serves
     assert registry.load_champion(cfg)[2] == "1"
 

@@ -37,7 +37,7 @@ from tracking.store import (RetryingClient, StoreMissingError, local_artifact_pa
 log = logging.getLogger(__name__)
 
 __all__ = ["CHALLENGER", "CHAMPION", "ModelRefusedError", "NoChampionError", "RegistrationResult",
-           "load_champion", "load_scorer_uri", "log_scorer_model", "register_model", "scorer_from_file"]
+           "champion_history", "load_champion", "load_scorer_uri", "log_scorer_model", "register_model", "scorer_from_file"]
 
 MODEL_NAME = "model"  # the logged model's name: runs:/<run_id>/model
 BUNDLE_FILE = "scorer.pt"
@@ -315,18 +315,117 @@ def log_scorer_model(client: RetryingClient, run_id: str, scorer: Scorer):
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
-    return client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    ready = client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])  # the run page's "Logged models"
+    return ready
+
+
+REGISTERED_MODEL_SUMMARY = "wafer-fcn per-die defect-pattern segmentation (FCN); see docs/mlflow.md"
+CHAMPION_HISTORY_TAG = "champion_history"  # registered-model tag: JSON list, oldest first
+HISTORY_KEPT = 40  # entries kept in the tag (MLflow tag values are limited to a few thousand characters)
 
 
 def _ensure_registered_model(client: RetryingClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(
-            name, description="wafer-fcn per-die defect-pattern segmentation (FCN); see docs/mlflow.md")
+        client.create_registered_model(name, description=REGISTERED_MODEL_SUMMARY)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def champion_history(client: RetryingClient, name: str) -> list[dict[str, Any]]:
+    """Who held ``champion``, oldest first: ``[{"version", "since", "score", "reason"}, ...]``."""
+    raw = client.get_registered_model(name).tags.get(CHAMPION_HISTORY_TAG)
+    try:
+        history = json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        log.warning("registered model %s: unreadable %s tag, starting it again", name, CHAMPION_HISTORY_TAG)
+        return []
+    return history if isinstance(history, list) else []
+
+
+def _history_markdown(history: list[dict[str, Any]]) -> str:
+    lines = ["| since (UTC) | champion | test mean IU (fail dies) | why |", "| --- | --- | ---: | --- |"]
+    for entry in reversed(history[-20:]):  # newest first
+        score = entry.get("score")
+        lines.append(f"| {entry.get('since', '')} | v{entry.get('version')} | "
+                     f"{'' if score is None else f'{score:.4f}'} | {str(entry.get('reason', '')).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def _record_champion(client: RetryingClient, name: str, version: str, *, score: float, reason: str,
+                     previous: str | None) -> str:
+    """Append the new champion to the alias history (registered-model tag and description) and mark
+    both versions: ``champion_since`` on the new one, ``champion_until``/``replaced_by_version`` on the
+    one it replaces. Returns the timestamp. Concurrent registrations: the later write wins."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    history = [*champion_history(client, name), {"version": version, "since": since, "score": round(score, 6),
+                                                 "reason": reason[:200]}][-HISTORY_KEPT:]
+    client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, json.dumps(history, separators=(",", ":")))
+    client.set_registered_model_tag(name, "champion_version", version)
+    client.update_registered_model(name, description=f"{REGISTERED_MODEL_SUMMARY}\n\n"
+                                                     f"## Alias history: who held `champion`\n\n"
+                                                     f"{_history_markdown(history)}\n")
+    client.set_model_version_tag(name, version, "champion_since", since)
+    if previous and previous != version:
+        client.set_model_version_tag(name, previous, "champion_until", since)
+        client.set_model_version_tag(name, previous, "replaced_by_version", version)
+    return since
+
+
+def _link_logged_model(client: RetryingClient, model_id: str, name: str, version: str) -> None:
+    """Add this version to the logged model's ``mlflow.modelVersions`` tag (the UI's "Registered" /
+    "Model versions" on the logged model page), keeping versions already there."""
+    entry = {"name": name, "version": str(version)}
+    raw = client.get_logged_model(model_id).tags.get("mlflow.modelVersions")
+    try:
+        linked = json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        linked = []
+    linked = [e for e in linked if isinstance(e, dict) and e != entry] + [entry]
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(linked)})
+
+
+def describe_architecture(arch: dict[str, Any]) -> str:
+    """'fcn8s, preset compact, geometry ..., batch norm, 5 classes' from a scorer bundle's ``arch``."""
+    parts = [str(arch.get("name", "?"))]
+    if arch.get("preset"):
+        parts.append(f"preset {arch['preset']}")
+    if arch.get("geometry"):
+        parts.append(f"geometry {arch['geometry']}")
+    if arch.get("batch_norm"):
+        parts.append("batch norm")
+    parts.append(f"{arch.get('n_classes', '?')} classes")
+    return ", ".join(parts)
+
+
+def version_description(*, stage: str, arch: dict[str, Any], candidate_score: float, fingerprint: str | None,
+                        config_name: str, verdict_rules: str, calibrated_on: str | None, decision: Decision,
+                        champion: ChampionState) -> str:
+    """The version's Markdown description: what it is, how good, on which data, why (not) promoted."""
+    from fcn_core.stages import stage_title
+
+    if decision.promoted:
+        why = f"**Promoted to `champion`**: {decision.reason}."
+    else:
+        why = f"**Not promoted** (alias `challenger`; v{champion.version} stays `champion`): {decision.reason}."
+    return "\n".join([
+        f"**{stage_title(stage)}** (stage `{stage}`, config `{config_name}`)",
+        "",
+        f"- Architecture: {describe_architecture(arch)}",
+        f"- Score: test mean IU on fail dies **{candidate_score:.4f}**"
+        + (f" (champion v{champion.version} re-scored on the same test split: {champion.score:.4f})"
+           if champion.score is not None else ""),
+        f"- Data fingerprint: `{fingerprint or 'unknown'}`",
+        f"- Verdict rules: {verdict_rules} ({'calibrated on ' + calibrated_on if calibrated_on else 'from the config'})",
+        f"- Weights only: `{BUNDLE_FORMAT}` (MLmodel + scorer.pt, loads with torch.load(weights_only=True))",
+        "",
+        why,
+    ])
 
 
 def _champion_state(client: RetryingClient, cfg: Config, rescore: Callable[[Scorer], float]) -> ChampionState:
@@ -353,18 +452,23 @@ def register_model(
     scorer_path: str | os.PathLike,
     candidate_score: float,
     rescore: Callable[[Scorer], float],
+    stage: str | None = None,
 ) -> RegistrationResult:
     """Log the scorer at ``scorer_path`` on ``run_id``, register it, apply :func:`fcn_core.promotion.decide`.
 
     The champion is re-scored by ``rescore`` (on this run's test split) before anything is
     registered, so a failing re-score leaves no stray version. The decision, both scores and
-    any override are logged on the run (tags + metrics) and on the new version (tags), whose
-    description states the verdict rules it is judged by.
+    any override are logged on the run (tags + metrics) and on the new version (tags: filled or
+    absent, never blank), whose Markdown description says stage (``stage``, default the
+    architecture's name), architecture, score, data fingerprint, verdict rules and why it was or
+    was not promoted. A promotion is added to the alias history (:func:`champion_history`).
     """
     if not math.isfinite(candidate_score):
         raise ValueError(f"candidate_score must be a finite number, got {candidate_score}")
     name = cfg.tracking.registered_model
     scorer = scorer_from_file(scorer_path)
+    arch = scorer.to_bundle()["arch"]
+    stage = stage or str(arch.get("name", "unknown"))
     champion = _champion_state(client, cfg, rescore)
     decision: Decision = decide(champion, candidate_score,
                                 replace_unloadable=cfg.tracking.replace_unloadable_champion)
@@ -372,33 +476,43 @@ def register_model(
     logged = log_scorer_model(client, run_id, scorer)
     _ensure_registered_model(client, name)
     run_tags = client.get_run(run_id).data.tags
+    provenance = {k: v for k, v in run_tags.items() if k in ("git_commit", "data_fingerprint", "config_name") and v}
+    optional = {
+        "champion_score": None if champion.score is None else f"{champion.score:.6f}",
+        "previous_champion_version": champion.version,
+        "override": "replace_unloadable_champion" if decision.override else None,
+    }
     version_tags = {
+        "stage": stage,
+        "architecture": describe_architecture(arch),
         "candidate_score": f"{candidate_score:.6f}",
-        "champion_score": "" if champion.score is None else f"{champion.score:.6f}",
-        "previous_champion_version": champion.version or "",
+        **{k: v for k, v in optional.items() if v},
         "decision": decision.alias,
         "decision_reason": decision.reason[:500],
-        "override": "replace_unloadable_champion" if decision.override else "",
         "score_metric": "test mean IU (fail dies)",
         "model_format": BUNDLE_FORMAT,
         "model_id": logged.model_id,
         "verdict_rules": scorer.verdict.describe(),
         "verdict_calibrated_on": scorer.verdict.calibrated_on or "config",
-        **{k: v for k, v in run_tags.items() if k in ("git_commit", "data_fingerprint", "config_name")},
+        **provenance,
     }
     from tracking.runs import run_url
 
+    description = version_description(
+        stage=stage, arch=arch, candidate_score=float(candidate_score), fingerprint=provenance.get("data_fingerprint"),
+        config_name=provenance.get("config_name", scorer.cfg.name), verdict_rules=scorer.verdict.describe(),
+        calibrated_on=scorer.verdict.calibrated_on, decision=decision, champion=champion)
     # source: the artifact folder itself (a models:/<id> source makes MLflow resolve it through
     # its process-wide tracking URI); the logged model is linked by model_id and its tag below
     mv = client.create_model_version(
         name, source=logged.artifact_location, run_id=run_id, tags=version_tags, model_id=logged.model_id,
-        run_link=run_url(cfg, run_id),
-        description=(f"Weights-only scorer ({BUNDLE_FORMAT}). Verdict rules: {scorer.verdict.describe()} "
-                     f"({'calibrated on ' + scorer.verdict.calibrated_on if scorer.verdict.calibrated_on else 'config'})."
-                     f" Decision: {decision.alias}, {decision.reason}"))
-    client.set_logged_model_tags(logged.model_id,
-                                 {"mlflow.modelVersions": json.dumps([{"name": name, "version": str(mv.version)}])})
-    client.set_registered_model_alias(name, decision.alias, str(mv.version))
+        run_link=run_url(cfg, run_id), description=description)
+    version = str(mv.version)
+    _link_logged_model(client, logged.model_id, name, version)
+    client.set_registered_model_alias(name, decision.alias, version)
+    if decision.promoted:
+        _record_champion(client, name, version, score=float(candidate_score), reason=decision.reason,
+                         previous=champion.version)
 
     from mlflow.entities import Metric, RunTag
 
@@ -406,12 +520,17 @@ def register_model(
     metrics = [Metric("registry/candidate_score", float(candidate_score), now, 0)]
     if champion.score is not None:
         metrics.append(Metric("registry/champion_score", champion.score, now, 0))
-    tags = [RunTag("registry.model", name), RunTag("registry.version", str(mv.version)),
+    tags = [RunTag("registry.model", name), RunTag("registry.version", version),
             RunTag("registry.decision", decision.alias), RunTag("registry.reason", decision.reason[:5000]),
-            RunTag("registry.previous_champion_version", champion.version or ""),
-            RunTag("registry.override", version_tags["override"])]
+            RunTag("registry.stage", stage)]
+    if champion.version:
+        tags.append(RunTag("registry.previous_champion_version", champion.version))
+    if decision.override:
+        tags.append(RunTag("registry.override", "replace_unloadable_champion"))
+    # the run page's description: what this training registered and why it (did not) take champion
+    tags.append(RunTag("mlflow.note.content", f"Registered as **{name} v{version}**.\n\n{description}"))
     client.log_batch(run_id, metrics=metrics, tags=tags)
     return RegistrationResult(
-        name=name, version=str(mv.version), alias=decision.alias, candidate_score=float(candidate_score),
+        name=name, version=version, alias=decision.alias, candidate_score=float(candidate_score),
         champion_score=champion.score, previous_champion_version=champion.version,
-        model_uri=f"models:/{name}/{mv.version}", reason=decision.reason, override=decision.override)
+        model_uri=f"models:/{name}/{version}", reason=decision.reason, override=decision.override)

@@ -22,6 +22,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 
 from fcn_core.config import Config
+from fcn_core.stages import stage_title
 from tracking.provenance import git_commit
 from tracking.store import RetryingClient, experiment_id
 
@@ -34,6 +35,19 @@ _PARAMS_PER_BATCH = 100
 _PARAM_VALUE_MAX = 6000
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _INHERITED_TAGS = ("config_name", "data_fingerprint", "git_commit", "mlflow.source.git.commit", "mlflow.user")
+
+# The epoch dict's validation scores are computed on fail dies only (fcn_core.train): the metric
+# keys say so, so a reader of the chart does not take them for whole-wafer scores.
+EPOCH_METRIC_KEYS = {"val_mean_iu": "val_fail_mean_iu", "val_pixel_acc": "val_fail_pixel_acc",
+                     "val_mean_acc": "val_fail_mean_acc", "val_fw_iu": "val_fail_fw_iu"}
+
+# The runs table's columns: MLflow 3.17 has no per-experiment default, but it restores a view from
+# the experiment tag ``mlflow.sharedViewState.<key>`` when the URL carries ``?viewStateShareKey=<key>``
+# (the UI's "share view"). ``runs_table_url`` gives that link.
+RUNS_VIEW_KEY = "wafer-fcn-scores"
+LADDER_VIEW_KEY = "wafer-fcn-ladder"  # the chart view: test scores by stage (step), every training
+RUNS_VIEW_COLUMNS = ("test_fail_mean_iu", "test_fail_pixel_acc", "real_macro_f1", "real_accuracy",
+                     "registry/candidate_score")
 
 # System-metrics monitors of this process, by run id: end_run stops and flushes them.
 _monitors: dict[str, Any] = {}
@@ -60,9 +74,56 @@ def _user() -> str | None:
         return None
 
 
+def parent_run_name(cfg: Config, data_fingerprint: str, *, when: float | None = None) -> str:
+    """``<config>-<YYYY-MM-DD>-<fingerprint[:6]>``: which config, which day, which data (UTC date)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
+    return f"{cfg.name}-{day}-{data_fingerprint[:6]}"
+
+
+def set_shared_view(client: RetryingClient, experiment: str, key: str, state: dict[str, Any]) -> None:
+    """Store a runs-page view (columns, order, chart axis) as the experiment's shared view ``key``."""
+    value = json.dumps(state, separators=(",", ":"))
+    tag = f"mlflow.sharedViewState.{key}"
+    if client.get_experiment(experiment).tags.get(tag) != value:
+        client.set_experiment_tag(experiment, tag, value)
+
+
+def shared_view_url(ui_url: str, experiment: str, key: str, *, charts: bool = False) -> str:
+    """Link to an experiment's runs page in the shared view ``key`` (the chart view when ``charts``),
+    in the UI's "Model training" mode (its side bar otherwise remembers the GenAI mode of a first visit)."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs?viewStateShareKey={key}{mode}"
+            "&workflowType=machine_learning")
+
+
+def set_runs_view(client: RetryingClient, experiment: str, *, columns: Iterable[str] = RUNS_VIEW_COLUMNS) -> None:
+    """The training experiment's runs table: models, score columns and datasets, newest first."""
+    set_shared_view(client, experiment, RUNS_VIEW_KEY, {
+        "selectedColumns": ["attributes.`Models`", *(f"metrics.`{key}`" for key in columns), "attributes.`Dataset`"],
+        "orderByKey": "attributes.start_time", "orderByAsc": False})
+
+
+def set_ladder_view(client: RetryingClient, experiment: str) -> None:
+    """The training experiment's charts narrowed to the test scores: one line per training, stage on x."""
+    set_shared_view(client, experiment, LADDER_VIEW_KEY, {
+        "chartsSearchFilter": "test_fail", "orderByKey": "attributes.start_time", "orderByAsc": False,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}})
+
+
+def ladder_chart_url(ui_url: str, experiment: str) -> str:
+    """Link to :func:`set_ladder_view`'s charts (x: 0 = FCN-32s ... 5 = FCN-1s, 6 = fine-tuned)."""
+    return shared_view_url(ui_url, experiment, LADDER_VIEW_KEY, charts=True)
+
+
+def runs_table_url(ui_url: str, experiment: str) -> str:
+    """Link to the training runs table with the score columns of :func:`set_runs_view`."""
+    return shared_view_url(ui_url, experiment, RUNS_VIEW_KEY)
+
+
 def start_parent_run(client: RetryingClient, cfg: Config, *, data_fingerprint: str,
                      run_name: str | None = None) -> str:
-    """One run per training: full flattened config as params, commit/fingerprint tags, config.yaml."""
+    """One run per training, named by :func:`parent_run_name`: full flattened config as params,
+    commit/fingerprint tags, config.yaml."""
     commit = git_commit()
     tags: dict[str, str] = {"config_name": cfg.name, "data_fingerprint": data_fingerprint,
                             "wafer_fcn.run_kind": "training"}
@@ -71,7 +132,10 @@ def start_parent_run(client: RetryingClient, cfg: Config, *, data_fingerprint: s
         tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")  # the UI shows this one
     if user := _user():
         tags["mlflow.user"] = user
-    run = client.create_run(experiment_id(client, cfg), run_name=run_name or f"train-{cfg.name}", tags=tags)
+    experiment = experiment_id(client, cfg)
+    set_runs_view(client, experiment)
+    set_ladder_view(client, experiment)
+    run = client.create_run(experiment, run_name=run_name or parent_run_name(cfg, data_fingerprint), tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, cfg.flat())
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
@@ -80,7 +144,8 @@ def start_parent_run(client: RetryingClient, cfg: Config, *, data_fingerprint: s
 
 def start_stage_run(client: RetryingClient, cfg: Config, *, parent_run_id: str, stage: str,
                     log_system_metrics: bool = True, sampling_interval: float = 10.0) -> str:
-    """A nested run named after the stage, with that stage's settings as params.
+    """A nested run named by the stage's title (``FCN-8s``; tag ``stage`` keeps ``fcn8s``), with that
+    stage's settings as params.
 
     System metrics (``system/cpu_utilization_percentage``, memory, disk, network, GPU when
     pynvml is present) are sampled by a background thread of *this* process that logs to the
@@ -89,7 +154,7 @@ def start_stage_run(client: RetryingClient, cfg: Config, *, parent_run_id: str, 
     parent = client.get_run(parent_run_id)
     tags = {"mlflow.parentRunId": parent_run_id, "stage": stage,
             **{k: v for k, v in parent.data.tags.items() if k in _INHERITED_TAGS}}
-    run_id = client.create_run(parent.info.experiment_id, run_name=stage, tags=tags).info.run_id
+    run_id = client.create_run(parent.info.experiment_id, run_name=stage_title(stage), tags=tags).info.run_id
     stage_cfg = getattr(cfg.train, stage, None)
     params: dict[str, Any] = {"stage": stage}
     if hasattr(stage_cfg, "model_dump"):
@@ -130,12 +195,13 @@ def _numeric(value: Any) -> float | None:
 
 
 def epoch_logger(client: RetryingClient, run_id: str) -> Callable[[dict], None]:
-    """Callback for train_stage: numeric values of an epoch dict -> metrics at step = epoch."""
+    """Callback for train_stage: numeric values of an epoch dict -> metrics at step = epoch
+    (validation scores renamed by :data:`EPOCH_METRIC_KEYS`: ``val_fail_mean_iu``, ...)."""
 
     def log_epoch(epoch: dict) -> None:
         step = int(epoch.get("epoch", 0))
         now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, step) for key, raw in epoch.items()
+        metrics = [Metric(EPOCH_METRIC_KEYS.get(key, key), value, now, step) for key, raw in epoch.items()
                    if key != "epoch" and (value := _numeric(raw)) is not None]
         if metrics:
             client.log_batch(run_id, metrics=metrics)

@@ -160,21 +160,33 @@ def client(tracking_uri: str) -> RetryingClient:
 # -- opening -------------------------------------------------------------------------------------
 
 
-def experiment_id(store: RetryingClient, cfg: Config) -> str:
-    """Id of ``cfg.tracking.experiment``, created (artifacts beside an SQLite store) if missing."""
+# MLflow 3's UI opens an experiment on what its type says; an untyped one lands on the GenAI traces
+# page. The accepted values are in the UI bundle (mlflow/server/js): "custom_model_development" opens
+# on the runs table, "genai_development" on traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def experiment_id(store: RetryingClient, cfg: Config, *, name: str | None = None,
+                  kind: str = MODEL_TRAINING_KIND) -> str:
+    """Id of the experiment ``name`` (default ``cfg.tracking.experiment``), created (artifacts beside
+    an SQLite store) if missing, and typed ``kind`` so the UI opens on its runs (an older untyped
+    experiment is typed on first use)."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-    name = cfg.tracking.experiment
+    name = name or cfg.tracking.experiment
     exp = store.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise StoreError(
                 f"MLflow experiment {name!r} is deleted in {cfg.tracking_uri}: restore it "
                 f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or pick another name")
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != kind:
+            store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, kind)
         return exp.experiment_id
     try:
-        return store.create_experiment(name, artifact_location=artifact_root(cfg))
+        return store.create_experiment(name, artifact_location=artifact_root(cfg), tags={EXPERIMENT_KIND_TAG: kind})
     except MlflowException as exc:  # another process created it between our get and create
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
