@@ -12,7 +12,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from fcn_core.evaluate import STAGE_TITLES
 
 
 class StageOutcome(BaseModel):
