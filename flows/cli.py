@@ -609,7 +609,7 @@ def demo(
     2. A fresh synthetic night lands in <home>/drops and the nightly-inference flow scores it.
     3. Pictures of that night's predictions, and where to look next (MLflow UI, Parquet files).
     """
-    from flows.demo import DemoParams
+    from flows.params import DemoParams  # not flows.demo yet: Prefect is imported after _prefect_env
 
     params, cfg = flow_params(ctx, DemoParams, config, overrides)
     from flows.demo import demo as demo_flow

@@ -18,19 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
-from pydantic import Field
 
 from flows.nightly_inference import nightly_inference
-from flows.params import ConfigParams, NightlyParams, TrainParams
+from flows.params import DemoParams, NightlyParams, TrainParams
 from flows.train_fcn import TrainingSummary, train_fcn
 from tasks.data import synthesise_night
 from tasks.pictures import NightPicture, render_night
 
 __all__ = ["DemoParams", "DemoSummary", "demo"]
-
-
-class DemoParams(ConfigParams):
-    night_wafers: int = Field(200, ge=1, description="wafers in tonight's synthetic drop")
 
 
 @dataclass(frozen=True)
