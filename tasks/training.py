@@ -3,8 +3,9 @@
 Each task takes the typed ``Config`` and rebuilds what it needs from paths (the split snapshots,
 the checkpoints); it logs to MLflow through this process's one client for the config's store
 (``tracking.store.client``) and an explicit run id, so it runs the same in a worker thread, a
-Dask worker or another process. Results are typed (``fcn_core.report``), never dicts. No retries on training: a failed epoch is a
-bug or bad data, and re-running the stage resumes from its last checkpoint anyway.
+Dask worker or another process. Results are typed (``fcn_core.report``), never dicts. No retries
+on training: a failed epoch is a bug or bad data, and re-running the stage resumes from its last
+checkpoint anyway.
 """
 
 from __future__ import annotations
