@@ -34,6 +34,7 @@ from fcn_core.table import (
 )
 
 if TYPE_CHECKING:  # the flows import Prefect: only the orchestration commands load them
+    from flows.nightly_inference import NightlyResult
     from flows.params import ConfigParams
     from flows.train_fcn import TrainingSummary
 
@@ -563,12 +564,12 @@ def train(
     _print_training(cfg, result, time.perf_counter() - t0)
 
 
-def _print_nightly(result: dict) -> None:
-    console.print(f"nightly-inference with {result['model']}: {result['wafers_scored']:,} wafers scored in "
-                  f"{len(result['scored_partitions'])} partition(s), {len(result['skipped'])} already up to date")
-    for date, out in sorted(result["outputs"].items()):
+def _print_nightly(result: NightlyResult) -> None:
+    console.print(f"nightly-inference with {result.model}: {result.wafers_scored:,} wafers scored in "
+                  f"{len(result.scored_partitions)} partition(s), {len(result.skipped)} already up to date")
+    for date, out in sorted(result.outputs.items()):
         console.print(f"  {date}: {out}")
-    for warning in result.get("warnings", []):
+    for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
@@ -588,10 +589,10 @@ def nightly(
         params, _ = flow_params(ctx, NightlyParams, config, overrides, source=source, task_runner=task_runner)
     except ValidationError as exc:  # e.g. --task-runner neither threads nor dask
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
-    from flows.nightly_inference import nightly_inference
+    from flows.nightly_inference import NightlyResult, nightly_inference
 
     result = _run_flow(lambda: nightly_inference(params))
-    if not isinstance(result, dict):  # a Failed state returned by the flow (e.g. no champion yet)
+    if not isinstance(result, NightlyResult):  # a Failed state returned by the flow (e.g. no champion yet)
         fail(getattr(result, "message", None) or str(result))
     _print_nightly(result)
 

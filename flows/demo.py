@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 
-from flows.nightly_inference import nightly_inference
+from flows.nightly_inference import NightlyResult, nightly_inference
 from flows.params import DemoParams, NightlyParams, TrainParams
 from flows.train_fcn import TrainingSummary, train_fcn
 from tasks.data import synthesise_night
@@ -36,7 +36,7 @@ class DemoSummary:
     train_seconds: float
     night: str  # YYYY-MM-DD
     drop: str
-    nightly: dict  # nightly-inference's result: model, wafers_scored, scored_partitions, skipped, outputs, warnings
+    nightly: NightlyResult
     picture: NightPicture | None  # None when tonight's partition was not scored by this run
 
 
@@ -57,7 +57,7 @@ def demo(params: DemoParams = DemoParams()) -> DemoSummary:
     night = today()
     drop = synthesise_night(cfg=cfg, date=night, n_wafers=params.night_wafers, drops_dir=str(cfg.home_dir / "drops"))
     scored = nightly_inference(NightlyParams(**same_config, source=drop))
-    predictions = scored["outputs"].get(night)
+    predictions = scored.outputs.get(night)
     picture = (render_night(cfg=cfg, drop=drop, predictions=predictions,
                             out=str(cfg.home_dir / "demo" / "night_predictions.png")) if predictions else None)
     if picture is None:

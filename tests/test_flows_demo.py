@@ -25,8 +25,8 @@ def test_demo_trains_registers_scores_tonight_and_draws_it(prefect_harness, tmp_
     night = today()
     drop = read_parquet(summary.drop)
     assert drop.num_rows == 12 and all(w.startswith(f"night-{night}-") for w in drop.column("wafer_id").to_pylist())
-    assert summary.nightly["model"] == "wafer-fcn/1" and night in summary.nightly["scored_partitions"]
-    scored = pq.read_table(summary.nightly["outputs"][night])
+    assert summary.nightly.model == "wafer-fcn/1" and night in summary.nightly.scored_partitions
+    scored = pq.read_table(summary.nightly.outputs[night])
     assert set(drop.column("wafer_id").to_pylist()) <= set(scored.column("wafer_id").to_pylist())
     # the picture: the night's first wafers, and its patterns over every scored wafer of the night
     assert summary.picture.wafers == 8 and Image.open(summary.picture.path).size[0] > 0
