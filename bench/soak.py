@@ -186,12 +186,12 @@ def write_drop(folder: Path, night: int, wafers: int, dates: int) -> tuple[Path,
     return path, table.num_rows
 
 
-def nightly(source: Path) -> dict:
-    from flows.nightly_inference import nightly_inference
+def nightly(source: Path):
+    from flows.nightly_inference import NightlyResult, nightly_inference
     from flows.params import NightlyParams
 
     result = nightly_inference(NightlyParams(config="tiny", source=str(source)))
-    check(isinstance(result, dict), f"nightly-inference did not complete: {result}")
+    check(isinstance(result, NightlyResult), f"nightly-inference did not complete: {result}")
     return result
 
 
@@ -292,19 +292,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pending = n_valid
             result = nightly(source)
-            check(result["wafers_scored"] == pending,
-                  f"{where}: scored {result['wafers_scored']} wafers, expected {pending}")
+            check(result.wafers_scored == pending,
+                  f"{where}: scored {result.wafers_scored} wafers, expected {pending}")
             store.verify(valid=valid, repeated=repeated, complete=True, where=f"{where} scored")
             check(store.leftovers() == [], f"{where}: temporary files left: {store.leftovers()}")
             digests = store.digests()
             again = nightly(source)
-            check(again["wafers_scored"] == 0, f"{where}: the re-run scored {again['wafers_scored']} wafers")
+            check(again.wafers_scored == 0, f"{where}: the re-run scored {again.wafers_scored} wafers")
             check(store.digests() == digests, f"{where}: the re-run changed a predictions file")
             store.verify(valid=valid, repeated=repeated, complete=True, where=f"{where} re-run")
             totals["nights"] += 1
             totals["flow_runs"] += 2
-            totals["wafers_scored"] += result["wafers_scored"]
-            print(f"{where}: {n_valid} wafers (+{REPEATED_ROWS} quarantined), scored {result['wafers_scored']}, "
+            totals["wafers_scored"] += result.wafers_scored
+            print(f"{where}: {n_valid} wafers (+{REPEATED_ROWS} quarantined), scored {result.wafers_scored}, "
                   f"re-run scored 0; totals {valid} curated = {valid} predicted, 0 duplicates "
                   f"({time.perf_counter() - t:.1f} s)")
         elapsed = time.perf_counter() - t0

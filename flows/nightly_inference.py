@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -35,7 +36,20 @@ from tasks.scoring import file_exists, part_files, predictions_path, remember_sc
 from tracking import registry
 from tracking.store import reader
 
-__all__ = ["NightlyParams", "nightly_inference"]
+__all__ = ["NightlyParams", "NightlyResult", "nightly_inference"]
+
+
+@dataclass(frozen=True)
+class NightlyResult:
+    """What one nightly run scored: the model, the partitions scored and skipped, the files written,
+    the jump warnings of the night."""
+
+    model: str  # name/version
+    scored_partitions: list[str] = field(default_factory=list)
+    wafers_scored: int = 0
+    skipped: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)  # date -> predictions file
+    warnings: list[str] = field(default_factory=list)
 
 
 NIGHTLY_LOCK = ".nightly.lock"
@@ -46,7 +60,7 @@ def predictions_root(cfg: Config) -> Path:
 
 
 @flow(name="score-partitions")
-def score_partitions(*, config: dict, plans: list[dict], curated_root: str, predictions_root: str,
+def score_partitions(*, cfg: Config, plans: list[dict], curated_root: str, predictions_root: str,
                      model_name: str, model_version: str, run_ids: dict[str, str], chunk_rows: int) -> dict:
     """Fan ``score_partition`` out over ``plans``; record each success in the watermark as it lands.
 
@@ -55,7 +69,7 @@ def score_partitions(*, config: dict, plans: list[dict], curated_root: str, pred
     log = get_run_logger()
     watermark = Watermark.load(Path(predictions_root) / WATERMARK_NAME)
     futures = {
-        score_partition.submit(config=config, date=p["date"], curated_root=curated_root, parts=p["parts"],
+        score_partition.submit(cfg=cfg, date=p["date"], curated_root=curated_root, parts=p["parts"],
                                action=p["action"], predictions_root=predictions_root, model_name=model_name,
                                model_version=model_version, run_ids=run_ids, chunk_rows=chunk_rows): p["date"]
         for p in plans
@@ -131,12 +145,11 @@ def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, 
         log.info("partition %s: %s (%s)", p.date, p.action, p.reason)
     if not todo:
         log.info("nothing to score: %d partition(s) up to date with the watermark", len(plans))
-        return {"model": f"{name}/{version}", "scored_partitions": [], "wafers_scored": 0, "failed": {},
-                "skipped": [p.date for p in plans], "outputs": {}, "warnings": []}
+        return NightlyResult(model=f"{name}/{version}", skipped=[p.date for p in plans])
 
     runner = make_task_runner(params.task_runner, dask_address=params.dask_address, dask_workers=params.parallelism)
     outcome = score_partitions.with_options(task_runner=runner)(
-        config=cfg.to_dict(), plans=[{"date": p.date, "action": p.action, "parts": list(p.parts)} for p in todo],
+        cfg=cfg, plans=[{"date": p.date, "action": p.action, "parts": list(p.parts)} for p in todo],
         curated_root=curated_root, predictions_root=out_root, model_name=name, model_version=str(version),
         run_ids={"model_run_id": model_run_id, "flow_run_id": flow_run.get_id() or ""},
         chunk_rows=params.chunk_rows)
@@ -156,10 +169,10 @@ def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, 
     if failed:
         return Failed(message=f"{len(failed)} partition(s) not scored (retried next run): "
                               + "; ".join(f"{d}: {why}" for d, why in sorted(failed.items())))
-    return {"model": f"{name}/{version}", "scored_partitions": [r["date"] for r in done],
-            "wafers_scored": sum(r["scored"] for r in done), "failed": failed,
-            "skipped": [p.date for p in plans if p.action == "skip"],
-            "outputs": {r["date"]: r["output"] for r in done}, "warnings": warnings}
+    return NightlyResult(model=f"{name}/{version}", scored_partitions=[r["date"] for r in done],
+                         wafers_scored=sum(r["scored"] for r in done),
+                         skipped=[p.date for p in plans if p.action == "skip"],
+                         outputs={r["date"]: r["output"] for r in done}, warnings=warnings)
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ def test_scores_each_wafer_once_and_a_rerun_changes_nothing(champion_store, tmp_
     state = nightly_inference(nightly(home, champion_store, source=str(drops)), return_state=True)
     assert state.is_completed(), state.message
     first = state.result()
-    assert first["wafers_scored"] == 40 and first["failed"] == {}
-    assert first["model"] == "wafer-fcn/1"
+    assert first.wafers_scored == 40
+    assert first.model == "wafer-fcn/1"
     out = predictions(home)
-    assert sorted(out) == first["scored_partitions"] and len(out) == 2
+    assert sorted(out) == first.scored_partitions and len(out) == 2
     ids = [i for t in out.values() for i in t.column("wafer_id").to_pylist()]
     assert sorted(ids) == sorted(generate_wafers(40, seed=77, synth=NIGHT).column("wafer_id").to_pylist())
     table = next(iter(out.values()))
@@ -86,14 +86,14 @@ def test_scores_each_wafer_once_and_a_rerun_changes_nothing(champion_store, tmp_
     watermark = (home / "predictions" / WATERMARK_NAME).read_text()
     stamps = {d: (home / "predictions" / f"date={d}" / "predictions.parquet").stat().st_mtime_ns for d in out}
     again = nightly_inference(nightly(home, champion_store, source=str(drops)))
-    assert again["wafers_scored"] == 0 and again["scored_partitions"] == [] and sorted(again["skipped"]) == sorted(out)
+    assert again.wafers_scored == 0 and again.scored_partitions == [] and sorted(again.skipped) == sorted(out)
     assert (home / "predictions" / WATERMARK_NAME).read_text() == watermark
     assert {d: (home / "predictions" / f"date={d}" / "predictions.parquet").stat().st_mtime_ns for d in out} == stamps
 
     # a late drop for the same nights: only its wafers are scored, nothing is lost
     night_drop(drops / "n2.parquet", n=10, start_index=40)
     late = nightly_inference(nightly(home, champion_store, source=str(drops)))
-    assert late["wafers_scored"] == 10
+    assert late.wafers_scored == 10
     after = predictions(home)
     assert sum(t.num_rows for t in after.values()) == 50
     assert len({i for t in after.values() for i in t.column("wafer_id").to_pylist()}) == 50
@@ -104,7 +104,7 @@ def test_scores_each_wafer_once_and_a_rerun_changes_nothing(champion_store, tmp_
     lost = sorted(after)[0]
     (home / "predictions" / f"date={lost}" / "predictions.parquet").unlink()
     redo = nightly_inference(nightly(home, champion_store))
-    assert redo["scored_partitions"] == [lost] and predictions(home)[lost].num_rows == after[lost].num_rows
+    assert redo.scored_partitions == [lost] and predictions(home)[lost].num_rows == after[lost].num_rows
 
 
 def test_dask_runner_gives_the_same_predictions_as_threads(champion_store, tmp_path):
@@ -114,7 +114,7 @@ def test_dask_runner_gives_the_same_predictions_as_threads(champion_store, tmp_p
     for runner in ("threads", "dask"):
         home = tmp_path / runner
         result = nightly_inference(nightly(home, champion_store, source=str(drops), task_runner=runner))
-        assert result["wafers_scored"] == 40
+        assert result.wafers_scored == 40
         results[runner] = {d: t.drop_columns(["flow_run_id"]).sort_by("wafer_id") for d, t in predictions(home).items()}
     assert sorted(results["threads"]) == sorted(results["dask"])
     for day, table in results["threads"].items():
@@ -152,5 +152,5 @@ def test_a_failed_partition_fails_the_run_keeps_the_others_and_is_redone_next_ti
 
     monkeypatch.setattr(tasks.scoring, "read_parquet", real_read)
     again = nightly_inference(nightly(home, champion_store))
-    assert again["scored_partitions"] == ["2026-03-02"] and again["skipped"] == ["2026-03-01"]
+    assert again.scored_partitions == ["2026-03-02"] and again.skipped == ["2026-03-01"]
     assert sum(t.num_rows for t in predictions(home).values()) == 40

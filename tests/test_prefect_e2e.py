@@ -21,6 +21,7 @@ from fcn_core.config import SynthConfig
 from fcn_core.ingest import read_curated
 from fcn_core.synth import generate_wafers
 from fcn_core.table import write_parquet_atomic
+from flows.nightly_inference import NIGHTLY_LOCK
 from flows.stack import free_port, stack_down, stack_env, stack_up
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,11 @@ def run_deployment(name: str, params: dict, env: dict, *, timeout: float = 240) 
 
 
 def digest_predictions(home) -> dict[str, str]:
+    """Every file of the predictions folder (the watermark included) but the nightly lock, which
+    names its last holder's pid."""
     root = home / "predictions"
-    # every file but the nightly lock, whose content names its last holder
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".nightly.lock"}
+            if p.is_file() and p.name != NIGHTLY_LOCK}
 
 
 def test_deployments_train_register_and_score_nightly(tmp_path, monkeypatch):
