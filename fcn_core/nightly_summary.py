@@ -13,9 +13,9 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 
+from fcn_core.stages import NO_PATTERN
 from fcn_core.verdicts import dies_column
 
-NO_PATTERN = "none"
 TRAILING_DAYS = 7
 
 

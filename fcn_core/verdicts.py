@@ -23,9 +23,10 @@ import pandas as pd
 
 from .config import VerdictConfig
 from .shapes import apply_min_elongation
+from .stages import NO_PATTERN
 from .table import FAIL
 
-NONE = "none"
+NONE = NO_PATTERN  # the verdict of a wafer without a pattern
 PATTERN_SEPARATOR = "+"  # joins the names in a ``patterns`` string: 'ring+scratch'
 UNLABELLED = "(unlabelled)"  # key of wafers without a dataset label in RealEvalReport.excluded
 

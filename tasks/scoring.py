@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from fcn_core.atomic import clean_stale_temps
 from fcn_core.config import Config
 from fcn_core.inference.runtime import resolve_device
 from fcn_core.scorer import Scorer
@@ -112,6 +113,8 @@ def score_partition(*, cfg: Config, date: str, curated_root: str, parts: list[st
             new = old
     if new is None:
         raise ValueError(f"partition {date}: no part files to score")
+    if "://" not in dest:  # temporary files of a scoring run killed mid-write
+        clean_stale_temps(os.path.dirname(os.path.abspath(dest)))
     write_parquet_atomic(new, dest)
     get_run_logger().info("%s: scored %d wafers (%s), %d rows in %s", date, sum(per_part.values()), action,
                           new.num_rows, dest)

@@ -77,6 +77,26 @@ def test_full_then_append_scores_each_wafer_once(prefect_harness, tmp_path, cura
     assert again["rows"] == out.num_rows
 
 
+def test_scoring_removes_temporary_files_of_a_killed_scoring_run(prefect_harness, tmp_path, curated, model_key):
+    """A nightly scoring killed with -9 mid-write leaves `.predictions.parquet.tmp-<pid>-...`; the
+    next scoring of that partition removes it (its writer is dead) and writes the file."""
+    import subprocess
+    import sys
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    cfg = load_config("tiny", {"tracking.tracking_uri": model_key, "train.device": "cpu"})
+    date = list_partitions(curated)[0]
+    folder = tmp_path / "pred" / f"date={date}"
+    folder.mkdir(parents=True)
+    stale = folder / f".predictions.parquet.tmp-{dead_pid}-0a1b2c3d"
+    stale.write_bytes(b"half a file")
+    score_partition(cfg=cfg, date=date, curated_root=str(curated), parts=part_files(str(curated), date),
+                    action="full", predictions_root=str(tmp_path / "pred"), model_name="wafer-fcn",
+                    model_version="1", run_ids={}, chunk_rows=50)
+    assert [p.name for p in folder.iterdir()] == ["predictions.parquet"]
+
+
 def test_bad_action_is_rejected(prefect_harness, curated, model_key):
     cfg = load_config("tiny", {"tracking.tracking_uri": model_key})
     with pytest.raises(ValueError, match="action must be"):
