@@ -8,9 +8,34 @@ from tasks.data import ingest_file
 from tasks.runtime import RESULTS_DIRNAME, ensure_concurrency_limit, make_task_runner, persisted
 
 
+def test_thread_runner_runs_at_most_the_given_number_of_tasks_at_once(prefect_harness):
+    import threading
+    import time
+
+    from prefect import flow, task
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    @task
+    def busy(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.5)  # long enough for the pool to start every thread it may
+        with lock:
+            running[0] -= 1
+        return i
+
+    @flow(task_runner=make_task_runner("threads", dask_workers=3))
+    def fan_out() -> list[int]:
+        return [f.result() for f in busy.map(range(9))]
+
+    assert fan_out() == list(range(9))
+    assert peak[0] == 3  # never more than 3 at once, and the limit is reached
+
+
 def test_task_runner_choice():
-    threads = make_task_runner("threads", dask_workers=3)
-    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    assert isinstance(make_task_runner("threads", dask_workers=3), ThreadPoolTaskRunner)
     local = make_task_runner("dask", dask_workers=2)
     assert isinstance(local, DaskTaskRunner)
     assert local.cluster_kwargs["n_workers"] == 2 and local.cluster_kwargs["processes"] is False

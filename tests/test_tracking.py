@@ -231,6 +231,22 @@ def test_data_fingerprint_is_stable_and_content_sensitive(tmp_path):
         provenance.data_fingerprint([str(tmp_path / "absent.parquet")])
 
 
-def test_git_commit_is_a_hash_or_none():
-    commit = provenance.git_commit()
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+def test_git_commit_is_the_checkouts_head_marked_dirty_when_modified(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "one")
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    head = git("rev-parse", "HEAD")
+    assert provenance.git_commit() == head
+    (tmp_path / "a.txt").write_text("two")
+    assert provenance.git_commit() == f"{head}-dirty"
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path / "not-a-checkout")
+    (tmp_path / "not-a-checkout").mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert provenance.git_commit() is None
