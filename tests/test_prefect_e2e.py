@@ -43,6 +43,11 @@ def digest_predictions(home) -> dict[str, str]:
             if p.is_file() and p.name != NIGHTLY_LOCK}
 
 
+def _worker_log(home) -> str:
+    log = home / "stack" / "worker.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
 def test_deployments_train_register_and_score_nightly(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # the worker picks runs up quickly
@@ -83,6 +88,13 @@ def test_deployments_train_register_and_score_nightly(tmp_path, monkeypatch):
                               "--params", json.dumps({"params": {"config": "tiny", "epochs": 3}})],
                              env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "epochs" in bad.stdout + bad.stderr
+
+        # 5. a run started through the API cannot move where models load from or where state lives
+        moved = run_deployment("nightly-inference/nightly-inference",
+                               {"config": "tiny", "overrides": {"home": str(tmp_path / "elsewhere")}}, env)
+        assert moved.returncode != 0
+        assert "WAFER_FCN_ALLOWED_OVERRIDES" in moved.stdout + moved.stderr + _worker_log(home)
+        assert not (tmp_path / "elsewhere").exists()
     finally:
         stack_down(home=home, echo=print)
     assert list((home / "stack").glob("*.pid")) == []
