@@ -137,15 +137,20 @@ def skip_order_sentence(scores_by_stage: dict[str, EvalScores]) -> str:
 
 
 def write_report(
-    scores_by_stage: dict[str, EvalScores], out_dir: str | Path, *, class_names: list[str]
+    scores_by_stage: dict[str, EvalScores], out_dir: str | Path, *, class_names: list[str],
+    markdown: str | None = None,
 ) -> dict[str, str]:
-    """results.md, results.csv, confusion_<stage>.png (fail dies) in ``out_dir``; returns the paths."""
+    """results.md, results.csv, confusion_<stage>.png (fail dies) in ``out_dir``; returns the paths.
+
+    ``markdown``: the text of results.md (``fcn_core.report.results_markdown``, with the real-map
+    sections); default: the test-split tables alone."""
     from fcn_core.render import render_confusion
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv"}
-    paths["results_md"].write_text(results_markdown(scores_by_stage, class_names=class_names))
+    paths["results_md"].write_text(markdown if markdown is not None
+                                   else results_markdown(scores_by_stage, class_names=class_names))
     results_frame(scores_by_stage, class_names=class_names).to_csv(paths["results_csv"], index=False)
     for stage, s in scores_by_stage.items():
         p = out / f"confusion_{stage}.png"

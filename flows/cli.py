@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,12 @@ from fcn_core.config import Config, load_config
 from fcn_core.table import (
     WaferTableError, read_parquet, resolve_fs, write_parquet_atomic, write_parquet_chunks_atomic,
 )
+
+if TYPE_CHECKING:  # the flows import Prefect: only the orchestration commands load them
+    from flows.params import ConfigParams
+    from flows.train_fcn import TrainingSummary
+
+P = TypeVar("P", bound="ConfigParams")
 
 app = typer.Typer(
     help="wafer-fcn: per-die defect-pattern segmentation of wafer maps with FCNs.",
@@ -67,7 +73,8 @@ class CliState:
 
 @app.callback()
 def main(ctx: typer.Context, config: ConfigOption = None, overrides: SetOption = None) -> None:
-    """Generate, validate, ingest and look at wafer maps; train and run FCN-32s/16s/8s."""
+    """Generate, validate, ingest and look at wafer maps; train the FCN cascade (FCN-32s -> 16s -> 8s,
+    on to die-level FCN-1s) and score with it."""
     ctx.obj = CliState(config=config or "default", overrides=list(overrides or []))
 
 
@@ -80,9 +87,13 @@ def fail(message: str, *, code: int = 1) -> NoReturn:
 def command_config(ctx: typer.Context, config: str | None = None, overrides: list[str] | None = None) -> Config:
     """The config of this invocation: the command's -c/--set win over the global ones."""
     state = ctx.find_object(CliState) or CliState()
-    name = config or state.config
+    return load_named_config(config or state.config, [*state.overrides, *(overrides or [])])
+
+
+def load_named_config(name: str, overrides: list[str] | dict) -> Config:
+    """``load_config`` with the CLI's one-line errors."""
     try:
-        return load_config(name, [*state.overrides, *(overrides or [])])
+        return load_config(name, overrides)
     except FileNotFoundError as exc:
         fail(str(exc))
     except ValidationError as exc:
@@ -476,7 +487,7 @@ def _temporary_api() -> None:
     refresh_global_settings_context()
 
 
-def _run_flow(run) -> dict:
+def _run_flow(run):
     """Call a flow in this process; a failed flow becomes a one-line error, not a traceback, and
     Ctrl-C ends it with one line and exit code 130."""
     from prefect.exceptions import FailedRun
@@ -493,38 +504,36 @@ def _run_flow(run) -> dict:
         fail("interrupted", code=130)
 
 
-def _run_train(cfg_name: str, overrides: list[str], source: str | None) -> dict:
-    from flows.params import TrainParams
-    from flows.train_fcn import train_fcn
+def flow_params(ctx: typer.Context, params_type: type[P], config: str | None = None,
+                overrides: list[str] | None = None, **fields) -> tuple[P, Config]:
+    """The flow's parameters, built once from this invocation's options (the command's -c/--set win
+    over the global ones), and their config, for the CLI's own use (home, printing); the flow loads
+    its config from the parameters. Set up Prefect's embedded defaults for that config."""
+    state = ctx.find_object(CliState) or CliState()
+    params = params_type(config=config or state.config, overrides=[*state.overrides, *(overrides or [])], **fields)
+    cfg = load_named_config(params.config, params.overrides)
+    _prefect_env(cfg)
+    _temporary_api()
+    return params, cfg
 
-    return _run_flow(lambda: train_fcn(TrainParams(config=cfg_name, overrides=overrides, source=source)))
 
+def _print_training(cfg: Config, result: TrainingSummary, seconds: float) -> None:
+    from rich.markdown import Markdown
 
-def _print_training(cfg: Config, result: dict, seconds: float) -> None:
-    results_md = Path(result["run_dir"]) / "evaluation" / "results.md"
-    if results_md.exists():
-        from rich.markdown import Markdown
-
-        console.print(Markdown(results_md.read_text()))
-    score = result["candidate_score"]
-    champion = result["champion_score"]
+    console.print(Markdown(result.results_markdown))
+    reg = result.registration
     console.print(
-        f"registered [bold]{result['registered_model']} v{result['registered_version']}[/bold] "
-        f"({result['stage']}, test mean IU on fail dies {score:.4f}) as [bold]{result['alias']}[/bold]"
-        + (f" (champion re-scored {champion:.4f})" if champion is not None else "")
+        f"registered [bold]{reg.name} v{reg.version}[/bold] "
+        f"({result.stage}, test mean IU on fail dies {reg.candidate_score:.4f}) as [bold]{reg.alias}[/bold]"
+        + (f" (champion re-scored {reg.champion_score:.4f})" if reg.champion_score is not None else "")
         + f" in {seconds:.0f} s")
-    by_stage = result.get("real_by_stage") or ({result["stage"]: result["real"]} if result.get("real") else {})
+    by_stage = result.real_by_stage
     for stage, real in by_stage.items():
         console.print(f"real wafer maps, {stage}: verdict accuracy {real['accuracy']:.3f}, macro-F1 "
                       f"{real['macro_f1']:.3f} on {int(real['n_wafers']):,} labelled wafers"
                       + (" (held out from fine-tuning)" if len(by_stage) > 1 else ""))
-    console.print(f"MLflow run {result['mlflow_run_id']}: browse with\n"
+    console.print(f"MLflow run {result.mlflow_run_id}: browse with\n"
                   f"  mlflow ui --backend-store-uri {cfg.tracking_uri}")
-
-
-def _config_name(ctx: typer.Context, config: str | None) -> tuple[str, list[str]]:
-    state = ctx.find_object(CliState) or CliState()
-    return config or state.config, list(state.overrides)
 
 
 @app.command()
@@ -544,24 +553,14 @@ def train(
     """
     import time
 
-    cfg = command_config(ctx, config, overrides)
-    _prefect_env(cfg)
-    _temporary_api()
-    name, global_overrides = _config_name(ctx, config)
+    from flows.params import TrainParams
+
+    params, cfg = flow_params(ctx, TrainParams, config, overrides, source=source)
+    from flows.train_fcn import train_fcn
+
     t0 = time.perf_counter()
-    result = _run_train(name, [*global_overrides, *(overrides or [])], source)
+    result = _run_flow(lambda: train_fcn(params))
     _print_training(cfg, result, time.perf_counter() - t0)
-
-
-def _run_nightly(cfg_name: str, overrides: list[str], source: str | None, task_runner: str) -> dict:
-    from flows.nightly_inference import nightly_inference
-    from flows.params import NightlyParams
-
-    params = NightlyParams(config=cfg_name, overrides=overrides, source=source, task_runner=task_runner)
-    result = _run_flow(lambda: nightly_inference(params))
-    if not isinstance(result, dict):  # a Failed state returned by the flow (e.g. no champion yet)
-        fail(getattr(result, "message", None) or str(result))
-    return result
 
 
 def _print_nightly(result: dict) -> None:
@@ -583,11 +582,18 @@ def nightly(
     overrides: SetOption = None,
 ) -> None:
     """Run the nightly-inference flow here: score curated partitions not scored yet with the champion."""
-    cfg = command_config(ctx, config, overrides)
-    _prefect_env(cfg)
-    _temporary_api()
-    name, global_overrides = _config_name(ctx, config)
-    _print_nightly(_run_nightly(name, [*global_overrides, *(overrides or [])], source, task_runner))
+    from flows.params import NightlyParams
+
+    try:
+        params, _ = flow_params(ctx, NightlyParams, config, overrides, source=source, task_runner=task_runner)
+    except ValidationError as exc:  # e.g. --task-runner neither threads nor dask
+        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    from flows.nightly_inference import nightly_inference
+
+    result = _run_flow(lambda: nightly_inference(params))
+    if not isinstance(result, dict):  # a Failed state returned by the flow (e.g. no champion yet)
+        fail(getattr(result, "message", None) or str(result))
+    _print_nightly(result)
 
 
 @app.command()
@@ -596,57 +602,33 @@ def demo(
     config: ConfigOption = None,
     overrides: SetOption = None,
 ) -> None:
-    """The whole product on embedded defaults: train on synthetic wafers, register, score a new night.
+    """The whole product on embedded defaults, as the `demo` flow: train, register, score a new night.
 
     1. train-fcn flow: synthesise wafers, ingest, train FCN-32s -> 16s -> 8s (-> 1s), fine-tune on
        real maps, evaluate, register.
     2. A fresh synthetic night lands in <home>/drops and the nightly-inference flow scores it.
     3. Pictures of that night's predictions, and where to look next (MLflow UI, Parquet files).
     """
-    import time
+    from flows.params import DemoParams  # not flows.demo yet: Prefect is imported after _prefect_env
 
-    from fcn_core.render import render_wafers
-    from fcn_core.synth import generate_wafers
+    params, cfg = flow_params(ctx, DemoParams, config, overrides)
+    from flows.demo import demo as demo_flow
 
-    cfg = command_config(ctx, config, overrides)
-    _prefect_env(cfg)
-    _temporary_api()
-    name, global_overrides = _config_name(ctx, config)
-    all_overrides = [*global_overrides, *(overrides or [])]
-    console.rule(f"[bold]1/3 train-fcn[/bold] (config {cfg.name}, home {cfg.home_dir})")
-    t0 = time.perf_counter()
-    trained = _run_train(name, all_overrides, None)
-    _print_training(cfg, trained, time.perf_counter() - t0)
+    console.rule(f"[bold]demo flow[/bold] (config {cfg.name}, home {cfg.home_dir})")
+    summary = _run_flow(lambda: demo_flow(params))
 
-    console.rule("[bold]2/3 nightly-inference[/bold] on a new synthetic night")
-    one_night = cfg.data.synth.model_copy(update={"nights": 1})
-    night = generate_wafers(200, seed=cfg.data.synth.seed + 7919, synth=one_night, classes=cfg.classes,
-                            start_date=_today())
-    night = night.set_column(0, "wafer_id", pa.array([f"night-{_today()}-{i:05d}" for i in range(night.num_rows)]))
-    drop = write_parquet_atomic(night, cfg.home_dir / "drops" / f"night-{_today()}.parquet")
-    scored = _run_nightly(name, all_overrides, drop, "threads")
-    _print_nightly(scored)
-
+    console.rule("[bold]1/3 train-fcn[/bold]")
+    _print_training(cfg, summary.training, summary.train_seconds)
+    console.rule(f"[bold]2/3 nightly-inference[/bold] on a new synthetic night ({summary.night})")
+    _print_nightly(summary.nightly)
     console.rule("[bold]3/3 results[/bold]")
-    out = cfg.home_dir / "demo"
-    pred_path = scored["outputs"].get(str(_today()))
-    if pred_path:
-        preds = read_parquet(pred_path)
-        chosen = night.slice(0, 8)
-        picture = render_wafers(chosen, out / "night_predictions.png", classes=cfg.classes,
-                                predictions=prediction_maps(pred_path, chosen), ncols=2)
-        counts = preds.column("dominant_pattern").value_counts().to_pylist()
-        console.print(_pattern_table(counts))
-        console.print(f"picture of 8 wafers (die map | truth | prediction): {picture}")
-    console.print(f"results table: {Path(trained['run_dir']) / 'evaluation' / 'results.md'}")
+    if summary.picture is not None:
+        console.print(_pattern_table([{"values": k, "counts": v} for k, v in summary.picture.patterns.items()]))
+        console.print(f"picture of {summary.picture.wafers} wafers (die map | truth | prediction): "
+                      f"{summary.picture.path}")
+    console.print(f"results table: {summary.training.evaluation.results_md}")
     console.print(f"MLflow UI:      mlflow ui --backend-store-uri {cfg.tracking_uri}   (or: make stack-up)")
     console.print("score a file:   .venv/bin/wafer-fcn predict IN.parquet OUT.parquet")
-
-
-def _today():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).date()
 
 
 stack_app = typer.Typer(help="The local stack: Prefect server + process work pool + worker + MLflow UI.",

@@ -46,7 +46,7 @@ def predictions_root(cfg: Config) -> Path:
 
 
 @flow(name="score-partitions")
-def score_partitions(*, config: dict, plans: list[dict], curated_root: str, predictions_root: str,
+def score_partitions(*, cfg: Config, plans: list[dict], curated_root: str, predictions_root: str,
                      model_name: str, model_version: str, run_ids: dict[str, str], chunk_rows: int) -> dict:
     """Fan ``score_partition`` out over ``plans``; record each success in the watermark as it lands.
 
@@ -55,7 +55,7 @@ def score_partitions(*, config: dict, plans: list[dict], curated_root: str, pred
     log = get_run_logger()
     watermark = Watermark.load(Path(predictions_root) / WATERMARK_NAME)
     futures = {
-        score_partition.submit(config=config, date=p["date"], curated_root=curated_root, parts=p["parts"],
+        score_partition.submit(cfg=cfg, date=p["date"], curated_root=curated_root, parts=p["parts"],
                                action=p["action"], predictions_root=predictions_root, model_name=model_name,
                                model_version=model_version, run_ids=run_ids, chunk_rows=chunk_rows): p["date"]
         for p in plans
@@ -136,7 +136,7 @@ def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, 
 
     runner = make_task_runner(params.task_runner, dask_address=params.dask_address, dask_workers=params.parallelism)
     outcome = score_partitions.with_options(task_runner=runner)(
-        config=cfg.to_dict(), plans=[{"date": p.date, "action": p.action, "parts": list(p.parts)} for p in todo],
+        cfg=cfg, plans=[{"date": p.date, "action": p.action, "parts": list(p.parts)} for p in todo],
         curated_root=curated_root, predictions_root=out_root, model_name=name, model_version=str(version),
         run_ids={"model_run_id": model_run_id, "flow_run_id": flow_run.get_id() or ""},
         chunk_rows=params.chunk_rows)

@@ -131,5 +131,9 @@ class NightlyParams(ConfigParams):
         return dates
 
 
+class DemoParams(ConfigParams):
+    night_wafers: int = Field(200, ge=1, description="wafers in tonight's synthetic drop")
+
+
 def as_dict(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")

@@ -16,7 +16,7 @@ and marks their MLflow runs KILLED and their flow runs CRASHED.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 
 from fcn_core.config import Config
 from fcn_core.evaluate import STAGE_TITLES
+from fcn_core.report import Evaluation, StageOutcome
 from fcn_core.train import FINETUNE, STAGES, stages_to_train
 from flows.params import TrainParams
 from flows.steps import ingest_drops
@@ -34,9 +35,37 @@ from tasks.runtime import gpu_slot
 from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, register_task, scorer_task,
                             train_stage_task)
 from tracking import provenance, runs
+from tracking.registry import RegistrationResult
 from tracking.store import open_store
 
-__all__ = ["TrainParams", "train_fcn"]
+__all__ = ["TrainParams", "TrainingSummary", "train_fcn"]
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What one train-fcn run did: the MLflow run, the stage registered and the registry's decision,
+    every stage's scores and real-map verdicts (``evaluation``), the data it saw and its folder."""
+
+    mlflow_run_id: str
+    stage: str
+    registration: RegistrationResult
+    evaluation: Evaluation
+    data: dict  # counts per split, rows_valid, rows_quarantined
+    run_dir: str
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Test mean IU on fail dies per stage."""
+        return {stage: s.fail_mean_iu for stage, s in self.evaluation.scores.items()}
+
+    @property
+    def real_by_stage(self) -> dict[str, dict[str, float | None]]:
+        return self.evaluation.real_by_stage
+
+    @property
+    def results_markdown(self) -> str:
+        """The text of this run's results.md."""
+        return self.evaluation.markdown()
 
 
 def _with_source(cfg: Config, source: str | None) -> Config:
@@ -45,7 +74,7 @@ def _with_source(cfg: Config, source: str | None) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
 
 
-def choose_stage(results: dict[str, dict], *, prefer_finetune: bool = False) -> str:
+def choose_stage(results: dict[str, StageOutcome], *, prefer_finetune: bool = False) -> str:
     """The stage to register: the fine-tuned model if there is one and ``prefer_finetune``
     (train.finetune.candidate), else the cascade stage with the best validation mean IU (fail dies);
     ties go to the finer stage."""
@@ -54,41 +83,40 @@ def choose_stage(results: dict[str, dict], *, prefer_finetune: bool = False) -> 
     results = {stage: r for stage, r in results.items() if stage != FINETUNE}
 
     def key(stage: str) -> tuple[float, int]:
-        score = results[stage]["best_val_mean_iu"]
-        return (score if score is not None and math.isfinite(score) else -math.inf, STAGES.index(stage))
+        return (results[stage].ranking_score(), STAGES.index(stage))
     return max(results, key=key)
 
 
-def _results_markdown(cfg: Config, *, parent_run_id: str, registration: dict, evaluation: dict,
-                      chosen: str) -> str:
-    url = runs.run_url(cfg, parent_run_id)
-    link = f"[{parent_run_id}]({url})" if url else f"`{parent_run_id}`"
+def run_markdown(cfg: Config, summary: TrainingSummary) -> str:
+    """The flow's Markdown artifact: the MLflow run, the registry's decision, then results.md."""
+    registration, parent, chosen = summary.registration, summary.mlflow_run_id, summary.stage
+    url = runs.run_url(cfg, parent)
+    link = f"[{parent}]({url})" if url else f"`{parent}`"
     lines = [
-        f"# train-fcn: {registration['name']} v{registration['version']} -> `{registration['alias']}`",
+        f"# train-fcn: {registration.name} v{registration.version} -> `{registration.alias}`",
         "",
         f"- MLflow run: {link} (tracking store `{cfg.tracking_uri}`)",
-        f"- Registered stage: {STAGE_TITLES.get(chosen, chosen)}, model `{registration['model_uri']}`",
-        f"- Test mean IU (fail dies): candidate {registration['candidate_score']:.4f}, champion "
-        + ("n/a (first version or unloadable)" if registration["champion_score"] is None
-           else f"v{registration['previous_champion_version']} re-scored {registration['champion_score']:.4f}"),
+        f"- Registered stage: {STAGE_TITLES.get(chosen, chosen)}, model `{registration.model_uri}`",
+        f"- Test mean IU (fail dies): candidate {registration.candidate_score:.4f}, champion "
+        + ("n/a (first version or unloadable)" if registration.champion_score is None
+           else f"v{registration.previous_champion_version} re-scored {registration.champion_score:.4f}"),
     ]
     if not url:
         lines.append(f"- Browse it with `mlflow ui --backend-store-uri {cfg.tracking_uri}` "
                      "(or `make stack-up`), then open the `wafer-fcn` experiment.")
-    md_path = evaluation["paths"].get("results_md")
-    if md_path and Path(md_path).exists():
-        lines += ["", "## Test split", "", Path(md_path).read_text()]
+    lines += ["", "## Test split", "", summary.results_markdown]
     return "\n".join(lines) + "\n"
 
 
-def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run_dir: Path) -> dict[str, dict]:
+def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
+                 run_dir: Path) -> dict[str, StageOutcome]:
     """FCN-32s -> 16s -> 8s (-> 4s -> 2s -> 1s), each from the previous stage's best checkpoint, then
     the optional weak-label fine-tuning on real maps; each stage in its own MLflow run."""
     stages = list(stages_to_train(cfg)) + ([FINETUNE] if cfg.finetune_enabled else [])
     # with real maps at hand, the synthetic-only model and the fine-tuned one both get verdict
     # thresholds fitted on the fine-tune part, so the held-out comparison is like for like
     calibrated = {stages[-2], FINETUNE} if cfg.finetune_enabled else set()
-    results: dict[str, dict] = {}
+    results: dict[str, StageOutcome] = {}
     init = None
     for stage in stages:
         stage_run = runs.start_stage_run(client, cfg, parent_run_id=parent, stage=stage)
@@ -96,23 +124,23 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str], run
         status = "FAILED"
         try:
             train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
-            results[stage] = train_stage_task(
-                config=cfg.to_dict(), stage=stage, train_path=train_path, val_path=paths["val"],
+            outcome = train_stage_task(
+                cfg=cfg, stage=stage, train_path=train_path, val_path=paths["val"],
                 out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
-            best = results[stage]["best_checkpoint"]  # the next stage starts from it, never from a calibrated copy
-            results[stage]["scorer"] = (  # what is evaluated and registered: the model and its verdict rules
-                calibrate_task(config=cfg.to_dict(), checkpoint=best, real_path=paths["real_finetune"],
-                               stage_run_id=stage_run)
-                if stage in calibrated else scorer_task(config=cfg.to_dict(), checkpoint=best))
+            best = outcome.best_checkpoint  # the next stage starts from it, never from a calibrated copy
+            scorer = (  # what is evaluated and registered: the model and its verdict rules
+                calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_finetune"], stage_run_id=stage_run)
+                if stage in calibrated else scorer_task(cfg=cfg, checkpoint=best))
+            results[stage] = outcome.model_copy(update={"scorer": scorer})
             status = "FINISHED"
         finally:
             runs.end_run(client, stage_run, status)
-        init = results[stage]["best_checkpoint"]
+        init = results[stage].best_checkpoint
     return results
 
 
 @flow(name="train-fcn", log_prints=True)
-def train_fcn(params: TrainParams = TrainParams()) -> dict:
+def train_fcn(params: TrainParams = TrainParams()) -> TrainingSummary:
     """Train FCN-32s -> 16s -> 8s (-> 1s, fine-tuning) on the curated store, evaluate, register the model."""
     log = get_run_logger()
     cfg = _with_source(params.load(), params.source)
@@ -122,9 +150,7 @@ def train_fcn(params: TrainParams = TrainParams()) -> dict:
     log.info("config %s, home %s", cfg.name, home)
 
     # data: drops -> curated store -> this run's frozen train/val/test snapshot
-    source = cfg.data.source or synthesise_drop(
-        synth=cfg.data.synth.model_dump(mode="json"), classes=[c.model_dump(mode="json") for c in cfg.classes],
-        drops_dir=str(home / "drops"))
+    source = cfg.data.source or synthesise_drop(cfg=cfg, drops_dir=str(home / "drops"))
     data = ingest_drops(cfg, source=source, curated_root=curated_root,
                         max_quarantined_share=params.max_quarantined_share)
     client = open_store(cfg)  # not before the data gate: a run that never trains tracks nothing
@@ -150,7 +176,8 @@ def crash_killed_trainings() -> None:
         recovery.crash_dead_flow_runs(prefect, "train-fcn", exclude={this_run} if this_run else set())
 
 
-def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, client, data: dict) -> dict:
+def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, client,
+              data: dict) -> TrainingSummary:
     log = get_run_logger()
     run_dir, curated_root = folder.path, cfg.home_dir / "curated"
     log.info("run folder %s%s", run_dir, " (resuming an interrupted training)" if folder.resumed else "")
@@ -158,7 +185,7 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
                            pad_multiple=cfg.data.pad_multiple, pad_fixed=cfg.data.pad_fixed)
     paths = dict(snap["paths"])
     if cfg.finetune_enabled:  # real maps: weak labels for fine-tuning, a held-out part for scores
-        real = prepare_real_task(config=cfg.to_dict(), train_path=paths["train"], out_dir=str(run_dir / "data"))
+        real = prepare_real_task(cfg=cfg, train_path=paths["train"], out_dir=str(run_dir / "data"))
         paths["finetune_train"] = real["paths"]["train"]  # weak real maps (+ synthetic train)
         paths["real_finetune"] = real["paths"]["real_finetune"]  # all real maps outside the holdout
         paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
@@ -181,38 +208,26 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
             real_stages = list(dict.fromkeys([chosen, stages_to_train(cfg)[-1], FINETUNE] if FINETUNE in results
                                              else [chosen]))
             evaluation = evaluate_stages(
-                config=cfg.to_dict(), scorers={s: r["scorer"] for s, r in results.items()},
+                cfg=cfg, scorers={s: r.scorer for s, r in results.items()},
                 test_path=paths["test"], out_dir=str(run_dir / "evaluation"),
-                histories=[h for r in results.values() for h in r["history"]], parent_run_id=parent,
+                histories=[h for r in results.values() for h in r.history], parent_run_id=parent,
                 model_stage=chosen, real_path=paths.get("real_holdout"), real_stages=real_stages)
             registration = register_task(
-                config=cfg.to_dict(), parent_run_id=parent, scorer_path=results[chosen]["scorer"],
-                candidate_score=evaluation["scores"][chosen]["fail_only"]["mean_iu"], test_path=paths["test"])
+                cfg=cfg, parent_run_id=parent, scorer_path=results[chosen].scorer,
+                candidate_score=evaluation.fail_mean_iu(chosen), test_path=paths["test"])
         status = "FINISHED"
     finally:
         runs.end_run(client, parent, status)
-    folder.complete(flow_run_id=flow_run.get_id(), mlflow_run_id=parent, registered_version=registration["version"])
+    folder.complete(flow_run_id=flow_run.get_id(), mlflow_run_id=parent, registered_version=registration.version)
 
-    create_table_artifact(key="train-fcn-results", table=evaluation["rows"],
+    summary = TrainingSummary(
+        mlflow_run_id=parent, stage=chosen, registration=registration, evaluation=evaluation, run_dir=str(run_dir),
+        data={"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}})
+    create_table_artifact(key="train-fcn-results", table=evaluation.rows,
                           description=f"Test split scores per stage (MLflow run {parent})")
-    create_markdown_artifact(key="train-fcn-mlflow", markdown=_results_markdown(
-        cfg, parent_run_id=parent, registration=registration, evaluation=evaluation, chosen=chosen),
-        description="MLflow run and registry decision")
-    return {
-        "mlflow_run_id": parent,
-        "registered_model": registration["name"],
-        "registered_version": registration["version"],
-        "alias": registration["alias"],
-        "model_uri": registration["model_uri"],
-        "stage": chosen,
-        "candidate_score": registration["candidate_score"],
-        "champion_score": registration["champion_score"],
-        "scores": {s: v["fail_only"]["mean_iu"] for s, v in evaluation["scores"].items()},
-        "real": evaluation.get("real", {}),
-        "real_by_stage": evaluation.get("real_by_stage", {}),
-        "data": {"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}},
-        "run_dir": str(run_dir),
-    }
+    create_markdown_artifact(key="train-fcn-mlflow", markdown=run_markdown(cfg, summary),
+                             description="MLflow run and registry decision")
+    return summary
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from fcn_core.config import ClassSpec, SplitConfig, SynthConfig
+from fcn_core.config import Config, SplitConfig
 from fcn_core.ingest import SPLITS, ingest, read_curated
 from fcn_core.padding import padded_shape
 from fcn_core.table import WAFER_COLUMNS, list_parquet_files, write_parquet_atomic
@@ -54,15 +54,16 @@ def drop_files(source: str) -> list[str]:
 
 
 @task(name="synthesise-drop", cache_policy=NO_CACHE)
-def synthesise_drop(*, synth: dict, classes: list[dict], drops_dir: str) -> str:
-    """Write ``synth.n_wafers`` generated wafers as one drop file; reuse it when it already exists.
+def synthesise_drop(*, cfg: Config, drops_dir: str) -> str:
+    """Write ``data.synth.n_wafers`` generated wafers as one drop file; reuse it when it already exists.
 
-    The generator is deterministic in its settings, so the file is named after them.
+    The generator is deterministic in its settings (data.synth and the classes), so the file is
+    named after them.
     """
     from fcn_core.synth import generate_wafers  # lazy: only this task needs the generator
 
-    settings = SynthConfig.model_validate(synth)
-    specs = [ClassSpec.model_validate(c) for c in classes]
+    settings, specs = cfg.data.synth, cfg.classes
+    classes = [c.model_dump(mode="json") for c in specs]
     key = hashlib.sha256(json.dumps([settings.model_dump(mode="json"), classes], sort_keys=True).encode())
     dest = Path(drops_dir) / f"synth-seed{settings.seed}-n{settings.n_wafers}-{key.hexdigest()[:12]}.parquet"
     if dest.exists():
@@ -142,3 +143,24 @@ def snapshot_splits(*, curated_root: str, out_dir: str, pad_multiple: int, pad_f
         out["max_side"] = max(out["max_side"], int(np.max(np.maximum(heights, widths))))
     get_run_logger().info("snapshot: %s wafers (train/val/test), %s padded shapes", out["counts"], out["padded_shapes"])
     return out
+
+
+@task(name="synthesise-night", cache_policy=NO_CACHE)
+def synthesise_night(*, cfg: Config, date: str, n_wafers: int, drops_dir: str) -> str:
+    """Write one new night of ``n_wafers`` generated wafers, captured on ``date``, as a drop file
+    ``night-<date>.parquet`` (wafer ids ``night-<date>-NNNNN``); the demo's production night.
+
+    Seeded apart from the training wafers (data.synth.seed + 7919), so the night is new to the model.
+    """
+    import pyarrow as pa
+    from datetime import date as Date
+
+    from fcn_core.synth import generate_wafers  # lazy: only the synthesising tasks need the generator
+
+    one_night = cfg.data.synth.model_copy(update={"nights": 1})
+    night = generate_wafers(n_wafers, seed=cfg.data.synth.seed + 7919, synth=one_night, classes=cfg.classes,
+                            start_date=Date.fromisoformat(date))
+    night = night.set_column(0, "wafer_id", pa.array([f"night-{date}-{i:05d}" for i in range(night.num_rows)]))
+    dest = write_parquet_atomic(night, Path(drops_dir) / f"night-{date}.parquet")
+    get_run_logger().info("synthesised tonight's drop: %d wafers into %s", night.num_rows, dest)
+    return str(dest)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fcn_core.config import Config, config_from_dict
+from fcn_core.config import Config
 from fcn_core.inference.runtime import resolve_device
 from fcn_core.scorer import Scorer
 from fcn_core.table import WAFER_COLUMNS, read_parquet, resolve_fs, write_parquet_atomic
@@ -77,7 +77,7 @@ def registered_scorer(cfg: Config, name: str, version: str, *, device: str = "cp
 
 @task(name="score-partition", task_run_name="score-{date}", cache_policy=NO_CACHE, retries=1,
       retry_delay_seconds=10)
-def score_partition(*, config: dict, date: str, curated_root: str, parts: list[str], action: str,
+def score_partition(*, cfg: Config, date: str, curated_root: str, parts: list[str], action: str,
                     predictions_root: str, model_name: str, model_version: str, run_ids: dict[str, str],
                     chunk_rows: int = 20_000) -> dict:
     """Score ``parts`` of one date partition and write its predictions file; returns what was written.
@@ -89,7 +89,6 @@ def score_partition(*, config: dict, date: str, curated_root: str, parts: list[s
     """
     if action not in ("full", "append"):
         raise ValueError(f"action must be 'full' or 'append', got {action!r}")
-    cfg = config_from_dict(config)
     device = resolve_device(cfg.train.device)
     scorer = registered_scorer(cfg, model_name, model_version, device=str(device))
     folder = partition_dir(curated_root, date)

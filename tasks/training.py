@@ -1,8 +1,9 @@
 """Training tasks of the train-fcn flow: one task run per FCN stage, evaluation, registration.
 
-Each task rebuilds what it needs from paths (the config as a dict, the split snapshots, the
-checkpoints) and logs to MLflow through an explicit client and run id, so it runs the same in a
-worker thread, a Dask worker or another process. No retries on training: a failed epoch is a
+Each task takes the typed ``Config`` and rebuilds what it needs from paths (the split snapshots,
+the checkpoints); it logs to MLflow through this process's one client for the config's store
+(``tracking.store.client``) and an explicit run id, so it runs the same in a worker thread, a
+Dask worker or another process. Results are typed (``fcn_core.report``), never dicts. No retries on training: a failed epoch is a
 bug or bad data, and re-running the stage resumes from its last checkpoint anyway.
 """
 
@@ -16,10 +17,12 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fcn_core.config import Config, config_from_dict
+from fcn_core.config import Config
 from fcn_core.data import WaferSet
 from fcn_core.evaluate import (STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report,
                                write_report)
+from fcn_core.evaluate import results_markdown as test_markdown
+from fcn_core.report import Evaluation, RealMapsReport, StageOutcome, StageScores, results_markdown
 from fcn_core.inference.runtime import resolve_device
 from fcn_core.render import render_curves, render_wafers
 from fcn_core.scorer import SCORER_FILE, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
@@ -28,8 +31,8 @@ from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
 from fcn_core.weak import holdout_mask, weak_label_table
 from tracking import runs
-from tracking.registry import register_model
-from tracking.store import open_store
+from tracking.registry import RegistrationResult, register_model
+from tracking.store import RetryingClient, client
 
 OVERLAY_WAFERS = 8
 
@@ -38,16 +41,20 @@ def _load_split(path: str) -> WaferSet:
     return WaferSet.from_table(read_parquet(path))
 
 
+def _store(cfg: Config) -> RetryingClient:
+    """This process's MLflow client for the config's store (the flow opened the store already)."""
+    return client(cfg.tracking_uri)
+
+
 def _finite(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
 @task(name="train-stage", task_run_name="train-{stage}", cache_policy=NO_CACHE)
-def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str, out_dir: str,
-                     init_checkpoint: str | None, stage_run_id: str) -> dict:
+def train_stage_task(*, cfg: Config, stage: str, train_path: str, val_path: str, out_dir: str,
+                     init_checkpoint: str | None, stage_run_id: str) -> StageOutcome:
     """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``."""
-    cfg = config_from_dict(config)
-    client = open_store(cfg)
+    client = _store(cfg)
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
                          out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
                          on_epoch=runs.epoch_logger(client, stage_run_id), progress=True)
@@ -57,11 +64,11 @@ def train_stage_task(*, config: dict, stage: str, train_path: str, val_path: str
             client.log_metric(stage_run_id, key, v)
     get_run_logger().info("%s: best val mean IU (fail dies) %.4f at epoch %d, %.1f s, %.0f wafers/s", stage,
                           result.best_val_mean_iu, result.best_epoch + 1, result.seconds, result.wafers_per_s)
-    return result.to_dict()
+    return StageOutcome(**result.to_dict())
 
 
 @task(name="prepare-real-maps", cache_policy=NO_CACHE)
-def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
+def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
     """Split the real labelled maps into a fine-tune part and a held-out part (by lot, fixed salt),
     weak-label the fine-tune part and write this run's fine-tuning train set.
 
@@ -69,7 +76,6 @@ def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
     ``mix_synthetic``; ``holdout``: real maps for evaluation only; ``real_finetune``: the other
     real maps, all of them, for calibrating verdict thresholds) and counts.
     """
-    cfg = config_from_dict(config)
     ft = cfg.train.finetune
     source = cfg.eval.real_data_path()
     if not source:
@@ -99,19 +105,17 @@ def prepare_real_task(*, config: dict, train_path: str, out_dir: str) -> dict:
 
 
 @task(name="build-scorer", cache_policy=NO_CACHE)
-def scorer_task(*, config: dict, checkpoint: str) -> str:
+def scorer_task(*, cfg: Config, checkpoint: str) -> str:
     """The scorer bundle of a trained stage judged by the config's verdict rules, beside its checkpoint."""
-    cfg = config_from_dict(config)
     return str(save_scorer(scorer_from_checkpoint(checkpoint, verdict=cfg.verdict),
                            Path(checkpoint).with_name(SCORER_FILE)))
 
 
 @task(name="calibrate-verdicts", cache_policy=NO_CACHE)
-def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_id: str) -> str:
+def calibrate_task(*, cfg: Config, checkpoint: str, real_path: str, stage_run_id: str) -> str:
     """Choose a model's verdict thresholds (min_dies, min_share, shared then per pattern) for the best
     macro-F1 on the fine-tune part of the real maps (never the held-out ones); returns the path of
     a scorer bundle with them, beside the checkpoint (which is left as it is)."""
-    cfg = config_from_dict(config)
     device = resolve_device(cfg.train.device)
     real = read_parquet(real_path)
     scorer, f1 = scorer_from_checkpoint(checkpoint, device=device).calibrated(
@@ -119,7 +123,7 @@ def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_i
         device=device)
     dest = save_scorer(scorer, Path(checkpoint).with_name(SCORER_FILE))
     verdict = scorer.verdict
-    client = open_store(cfg)
+    client = _store(cfg)
     client.log_metric(stage_run_id, "calibration/macro_f1", f1)
     patterns = cfg.class_names[1:]
     for name, min_dies, min_share in zip(patterns, *verdict.thresholds(patterns)):
@@ -131,11 +135,11 @@ def calibrate_task(*, config: dict, checkpoint: str, real_path: str, stage_run_i
     return str(dest)
 
 
-def _scores_dict(s: EvalScores) -> dict:
+def _stage_scores(s: EvalScores) -> StageScores:
     """JSON-friendly scores (no confusion matrices): for task results and artifacts."""
     def clean(d: dict) -> dict:
         return {k: [float(x) for x in v] if isinstance(v, (list, np.ndarray)) else float(v) for k, v in d.items()}
-    return {"on_wafer": clean(s.on_wafer), "fail_only": clean(s.fail_only), "n_wafers": int(s.n_wafers)}
+    return StageScores(on_wafer=clean(s.on_wafer), fail_only=clean(s.fail_only), n_wafers=int(s.n_wafers))
 
 
 def _overlay(scorer: Scorer, test: WaferSet, path: Path, *, device) -> Path:
@@ -149,19 +153,17 @@ def _overlay(scorer: Scorer, test: WaferSet, path: Path, *, device) -> Path:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stages(*, config: dict, scorers: dict[str, str], test_path: str, out_dir: str,
+def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out_dir: str,
                     histories: list[dict], parent_run_id: str, model_stage: str, real_path: str | None = None,
-                    real_stages: list[str] | None = None) -> dict:
+                    real_stages: list[str] | None = None) -> Evaluation:
     """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
 
     ``scorers``: the scorer bundle of each stage. The overlay picture shows ``model_stage`` (the
     stage that will be registered). Real-map verdicts are scored for ``real_stages`` (default:
     ``model_stage``) on ``real_path`` (default: ``eval.real_data``; the held-out part when
-    fine-tuning). Returns the per-stage scores, the results rows, the written files and the
-    real-map metrics.
+    fine-tuning). results.md is written once, from the returned :class:`Evaluation`.
     """
-    cfg = config_from_dict(config)
-    client = open_store(cfg)
+    client = _store(cfg)
     device = resolve_device(cfg.train.device)
     test = _load_split(test_path)
     scores: dict[str, EvalScores] = {}
@@ -170,38 +172,42 @@ def evaluate_stages(*, config: dict, scorers: dict[str, str], test_path: str, ou
         scores[stage] = evaluate(scorer.model, test, n_classes=scorer.n_classes, device=device,
                                  multiple=scorer.pad_multiple, fixed=scorer.pad_fixed)
     out = Path(out_dir)
-    paths = write_report(scores, out, class_names=cfg.class_names)
+    real_source = real_path or cfg.eval.real_data_path()
+    real_stages = real_stages or [model_stage]
+    real: list[RealMapsReport] = []
+    real_paths: dict[str, str] = {}
+    for stage in real_stages if real_source else []:
+        folder = out if len(real_stages) == 1 else out / f"real_{stage}"
+        stage_paths, report = _evaluate_real_maps(
+            cfg, served[stage], folder, stage=stage, device=device, source=real_source,
+            title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
+        real.append(report)
+        real_paths.update(stage_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in stage_paths.items()})
+    tables = test_markdown(scores, class_names=cfg.class_names)
+    paths = write_report(scores, out, class_names=cfg.class_names, markdown=results_markdown(tables, real))
     paths["overlay"] = str(_overlay(served[model_stage], test, out / f"test_overlay_{model_stage}.png",
                                     device=device))
     if histories:
         paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
-    real_source = real_path or cfg.eval.real_data_path()
-    real_stages = real_stages or [model_stage]
-    real_by_stage: dict[str, dict[str, float]] = {}
-    for stage in real_stages if real_source else []:
-        folder = out if len(real_stages) == 1 else out / f"real_{stage}"
-        real_paths, real_by_stage[stage] = _evaluate_real_maps(
-            cfg, served[stage], folder, results_md=paths["results_md"], device=device, source=real_source,
-            title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
-        paths.update(real_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in real_paths.items()})
+    paths.update(real_paths)
     runs.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
     for stage, s in scores.items():
         for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
             for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
                 if (v := _finite(values[key])) is not None:
                     client.log_metric(parent_run_id, f"test/{stage}/{scope}_{key}", v)
-    for stage, metrics in real_by_stage.items():
-        for key, value in metrics.items():
+    for report in real:
+        for key, value in report.metrics.items():
             if (v := _finite(value)) is not None:
-                client.log_metric(parent_run_id, f"real/{stage}/{key}", v)
+                client.log_metric(parent_run_id, f"real/{report.stage}/{key}", v)
     rows = results_frame(scores, class_names=cfg.class_names).replace({np.nan: None}).to_dict(orient="records")
-    return {"scores": {k: _scores_dict(v) for k, v in scores.items()}, "rows": rows, "paths": paths,
-            "real": real_by_stage.get(model_stage, {}), "real_by_stage": real_by_stage}
+    return Evaluation(model_stage=model_stage, scores={k: _stage_scores(v) for k, v in scores.items()},
+                      test_markdown=tables, rows=rows, paths=paths, real=real)
 
 
-def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, results_md: str, device, source: str,
-                        title: str) -> tuple[dict[str, str], dict[str, float]]:
-    """Wafer-level verdicts on real labelled maps, written to ``out`` and appended to results.md."""
+def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, stage: str, device, source: str,
+                        title: str) -> tuple[dict[str, str], RealMapsReport]:
+    """Wafer-level verdicts on real labelled maps, written to ``out``; the section for results.md."""
     log = get_run_logger()
     result = validate_table(read_parquet(source), n_classes=cfg.n_classes)
     table = result.valid
@@ -215,25 +221,23 @@ def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, results_md: s
     verdict = scorer.verdict
     thresholds = (f"Verdict thresholds: {verdict.describe()} ("
                   + (f"calibrated on {verdict.calibrated_on}" if verdict.calibrated_on else "config") + ").")
-    with open(results_md, "a") as md:
-        md.write(f"\n## {title} ({Path(source).name}, {table.num_rows:,} wafers)\n\n{thresholds}\n\n"
-                 f"{real.report.markdown}\n")
     log.info("%s %s: accuracy %.3f, macro-F1 %.3f on %d wafers", title, source, metrics.get("accuracy", float("nan")),
              metrics.get("macro_f1", float("nan")), table.num_rows)
-    return paths, metrics
+    return paths, RealMapsReport(stage=stage, title=title, source=Path(source).name, n_wafers=table.num_rows,
+                                 thresholds=thresholds, markdown=real.report.markdown,
+                                 metrics=dict(metrics))
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def register_task(*, config: dict, parent_run_id: str, scorer_path: str, candidate_score: float,
-                  test_path: str) -> dict:
+def register_task(*, cfg: Config, parent_run_id: str, scorer_path: str, candidate_score: float,
+                  test_path: str) -> RegistrationResult:
     """Log and register the scorer bundle at ``scorer_path`` (its verdict rules go with it);
     ``champion`` moves only as ``fcn_core.promotion.decide`` says (at least the re-scored champion).
 
     Retried: it talks to the tracking server and the artifact store. A retry after a partial
     registration may add one more version, which the alias policy handles like any other.
     """
-    cfg = config_from_dict(config)
-    client = open_store(cfg)
+    store = _store(cfg)
     test = _load_split(test_path)
     device = resolve_device(cfg.train.device)
 
@@ -241,7 +245,7 @@ def register_task(*, config: dict, parent_run_id: str, scorer_path: str, candida
         return float(evaluate(scorer.model.to(device), test, n_classes=cfg.n_classes, device=device,
                               multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
 
-    result = register_model(cfg, client=client, run_id=parent_run_id, scorer_path=scorer_path,
+    result = register_model(cfg, client=store, run_id=parent_run_id, scorer_path=scorer_path,
                             candidate_score=candidate_score, rescore=rescore)
     log = get_run_logger()
     log.info("registered %s v%s as %s (candidate %.4f, champion %s): %s", result.name, result.version, result.alias,
@@ -249,7 +253,4 @@ def register_task(*, config: dict, parent_run_id: str, scorer_path: str, candida
              result.reason)
     if result.override:
         log.warning("override tracking.replace_unloadable_champion used: %s", result.reason)
-    return {"name": result.name, "version": result.version, "alias": result.alias,
-            "candidate_score": result.candidate_score, "champion_score": result.champion_score,
-            "previous_champion_version": result.previous_champion_version, "model_uri": result.model_uri,
-            "reason": result.reason, "override": result.override}
+    return result

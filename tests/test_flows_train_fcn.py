@@ -10,6 +10,7 @@ from prefect.utilities.callables import parameter_schema
 from pydantic import ValidationError
 
 from fcn_core.config import load_config
+from fcn_core.report import StageOutcome
 from fcn_core.synth import generate_wafers
 from fcn_core.table import write_parquet_atomic
 from flows.train_fcn import TrainParams, choose_stage, train_fcn
@@ -48,16 +49,16 @@ def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
     home, state = trained
     assert state.is_completed(), state.message
     result = state.result()
-    assert (result["registered_model"], result["registered_version"], result["alias"]) == ("wafer-fcn", "1",
-                                                                                           "champion")
-    assert list(result["scores"]) == ["fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
-    assert result["stage"] in result["scores"]
-    assert result["candidate_score"] == result["scores"][result["stage"]]
-    assert sum(result["data"]["counts"].values()) == 120 and result["data"]["rows_quarantined"] == 0
+    reg = result.registration
+    assert (reg.name, reg.version, reg.alias) == ("wafer-fcn", "1", "champion")
+    assert list(result.scores) == ["fcn32s", "fcn16s", "fcn8s", "fcn4s", "fcn2s", "fcn1s"]
+    assert result.stage in result.scores
+    assert result.registration.candidate_score == result.scores[result.stage]
+    assert sum(result.data["counts"].values()) == 120 and result.data["rows_quarantined"] == 0
 
     cfg = load_config("tiny", {"home": str(home)})
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
-    parent = client.get_run(result["mlflow_run_id"])
+    parent = client.get_run(result.mlflow_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     children = client.search_runs([parent.info.experiment_id],
@@ -66,7 +67,7 @@ def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in children)
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert {"evaluation/results.md", "evaluation/results.csv", "evaluation/learning_curves.png",
-            f"evaluation/test_overlay_{result['stage']}.png"} <= logged
+            f"evaluation/test_overlay_{result.stage}.png"} <= logged
     assert str(client.get_model_version_by_alias("wafer-fcn", "champion").version) == "1"
 
 
@@ -82,7 +83,12 @@ def test_train_flow_task_runs_and_artifacts(trained):
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["model"] for r in rows] == ["FCN-32s", "FCN-16s", "FCN-8s", "FCN-4s", "FCN-2s", "FCN-1s"]
     md = artifacts["train-fcn-mlflow"]
-    assert md.type == "markdown" and state.result()["mlflow_run_id"] in md.data and "champion" in md.data
+    assert md.type == "markdown" and state.result().mlflow_run_id in md.data and "champion" in md.data
+    # results.md is written once from the typed results, and the artifact shows the same text
+    summary = state.result()
+    results_md = summary.evaluation.results_md.read_text()
+    assert results_md == summary.results_markdown and results_md.startswith("| model")
+    assert results_md in md.data
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-0").limit == 1
 
@@ -92,10 +98,11 @@ def test_second_run_reuses_ingest_cache_and_applies_the_alias_policy(trained):
     state = train_fcn(params(home), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["registered_version"] == "2"
-    assert result["alias"] in ("champion", "challenger")
-    assert result["champion_score"] is not None  # the old champion was re-scored on this run's test split
-    assert result["alias"] == ("champion" if result["candidate_score"] >= result["champion_score"] else "challenger")
+    assert result.registration.version == "2"
+    assert result.registration.alias in ("champion", "challenger")
+    assert result.registration.champion_score is not None  # the old champion was re-scored on this run's test split
+    reg = result.registration
+    assert reg.alias == ("champion" if reg.candidate_score >= reg.champion_score else "challenger")
     ingest_states = [s for n, s in task_runs_of(state.state_details.flow_run_id).items() if n.startswith("ingest-")]
     assert ingest_states == ["Cached"]
 
@@ -149,16 +156,20 @@ def test_parameters_are_typed_and_strict():
     assert {"config", "overrides", "source", "gpu_limit", "max_quarantined_share"} <= set(definition["properties"])
 
 
+def outcome(stage: str, best_val_mean_iu: float) -> StageOutcome:
+    return StageOutcome(stage=stage, best_checkpoint=f"{stage}/best.pt", last_checkpoint=f"{stage}/last.pt",
+                        best_epoch=0, best_val_mean_iu=best_val_mean_iu)
+
+
 def test_choose_stage_prefers_best_validation_then_the_finer_stage():
-    res = {"fcn32s": {"best_val_mean_iu": 0.5}, "fcn16s": {"best_val_mean_iu": 0.7},
-           "fcn8s": {"best_val_mean_iu": 0.7}}
+    res = {"fcn32s": outcome("fcn32s", 0.5), "fcn16s": outcome("fcn16s", 0.7), "fcn8s": outcome("fcn8s", 0.7)}
     assert choose_stage(res) == "fcn8s"
-    res["fcn8s"]["best_val_mean_iu"] = float("nan")
+    res["fcn8s"] = outcome("fcn8s", float("nan"))
     assert choose_stage(res) == "fcn16s"
 
 
 def test_choose_stage_registers_the_fine_tuned_model_only_when_asked():
-    res = {"fcn8s": {"best_val_mean_iu": 0.7}, "finetune": {"best_val_mean_iu": 0.9}}
+    res = {"fcn8s": outcome("fcn8s", 0.7), "finetune": outcome("finetune", 0.9)}
     assert choose_stage(res) == "fcn8s"  # a higher synthetic score does not make it a cascade stage
     assert choose_stage(res, prefer_finetune=True) == "finetune"
 
@@ -184,10 +195,10 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
         return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stage"] == "finetune" and "finetune" in result["scores"]
-    last = list(result["scores"])[-2]  # the cascade's last stage, scored beside the fine-tuned model
-    assert set(result["real_by_stage"]) == {last, "finetune"}
-    held_out = int(result["real_by_stage"]["finetune"]["n_wafers"])
+    assert result.stage == "finetune" and "finetune" in result.scores
+    last = list(result.scores)[-2]  # the cascade's last stage, scored beside the fine-tuned model
+    assert set(result.real_by_stage) == {last, "finetune"}
+    held_out = int(result.real_by_stage["finetune"]["n_wafers"])
     assert 0 < held_out < 60  # only the held-out part is scored (Near-full rows are left out as well)
     run_data = tmp_path / "home" / "runs"
     (holdout,) = run_data.glob("*/data/real_holdout.parquet")
@@ -204,7 +215,7 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
 
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
     scorer, _, version = load_champion(cfg)
-    assert version == result["registered_version"]
+    assert version == result.registration.version
     assert scorer.verdict.calibrated_on == "real_finetune.parquet" and not hasattr(scorer.model, "verdict")
     # calibration wrote scorer bundles; the training checkpoints keep the config's rules
     (tuned_ckpt,) = run_data.glob("*/checkpoints/finetune/best.pt")

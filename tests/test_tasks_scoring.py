@@ -45,7 +45,7 @@ def test_full_then_append_scores_each_wafer_once(prefect_harness, tmp_path, cura
     date = list_partitions(curated)[0]
     parts = part_files(str(curated), date)
     assert len(parts) == 2
-    common = dict(config=cfg.to_dict(), date=date, curated_root=str(curated),
+    common = dict(cfg=cfg, date=date, curated_root=str(curated),
                   predictions_root=str(tmp_path / "pred"), model_name="wafer-fcn", model_version="1",
                   run_ids={"model_run_id": "m-run", "flow_run_id": "f-run"}, chunk_rows=5)
 
@@ -80,7 +80,7 @@ def test_full_then_append_scores_each_wafer_once(prefect_harness, tmp_path, cura
 def test_bad_action_is_rejected(prefect_harness, curated, model_key):
     cfg = load_config("tiny", {"tracking.tracking_uri": model_key})
     with pytest.raises(ValueError, match="action must be"):
-        score_partition.fn(config=cfg.to_dict(), date="2026-01-01", curated_root=str(curated), parts=[],
+        score_partition.fn(cfg=cfg, date="2026-01-01", curated_root=str(curated), parts=[],
                            action="merge", predictions_root="/nowhere", model_name="wafer-fcn",
                            model_version="1", run_ids={})
 

@@ -41,7 +41,7 @@ def test_calibration_writes_a_scorer_and_leaves_the_checkpoint_alone(prefect_har
     client = open_store(cfg)
     run = runs.start_parent_run(client, cfg, data_fingerprint="f" * 16)
 
-    dest = calibrate_task(config=cfg.to_dict(), checkpoint=str(ckpt), real_path=str(real), stage_run_id=run)
+    dest = calibrate_task(cfg=cfg, checkpoint=str(ckpt), real_path=str(real), stage_run_id=run)
 
     assert _digest(ckpt) == before  # byte-identical: the training checkpoint is never rewritten
     assert dest == str(ckpt.with_name(SCORER_FILE))
@@ -58,6 +58,6 @@ def test_an_uncalibrated_stage_is_served_with_the_configs_rules(prefect_harness,
     cfg = load_config("tiny", {"verdict.min_dies": 6})
     ckpt = _checkpoint(tmp_path / "fcn8s" / "best.pt", load_config("tiny"))
     before = _digest(ckpt)
-    scorer = load_scorer(scorer_task(config=cfg.to_dict(), checkpoint=str(ckpt)))
+    scorer = load_scorer(scorer_task(cfg=cfg, checkpoint=str(ckpt)))
     assert scorer.verdict == cfg.verdict and scorer.verdict.min_dies == 6 and not scorer.verdict.calibrated_on
     assert _digest(ckpt) == before

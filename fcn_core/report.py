@@ -1,0 +1,93 @@
+"""Typed results of one training, and the one function that turns them into results.md.
+
+The train-fcn flow passes these between its tasks (Prefect serialises pydantic models) and
+returns them; the flow's Prefect artifacts and the CLI print are made from the same objects, so
+no layer re-reads a file or a dict path to recover a result.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+
+class StageOutcome(BaseModel):
+    """One trained stage: its checkpoints, validation score and history, and the scorer bundle built
+    from its best checkpoint (what is evaluated and registered)."""
+
+    stage: str
+    best_checkpoint: str
+    last_checkpoint: str
+    best_epoch: int
+    best_val_mean_iu: float
+    history: list[dict] = Field(default_factory=list)
+    seconds: float = 0.0
+    wafers_per_s: float = 0.0
+    scorer: str | None = None  # path of the scorer bundle, set once built (or calibrated)
+
+    def ranking_score(self) -> float:
+        """The validation mean IU (fail dies), -inf when missing, for choosing the stage to register."""
+        score = self.best_val_mean_iu
+        return score if score is not None and math.isfinite(score) else -math.inf
+
+
+class StageScores(BaseModel):
+    """The FCN paper's four scores on the test split, on-wafer and on fail dies (plus per-class IoU)."""
+
+    on_wafer: dict[str, float | list[float]]
+    fail_only: dict[str, float | list[float]]
+    n_wafers: int
+
+    @property
+    def fail_mean_iu(self) -> float:
+        return float(self.fail_only["mean_iu"])
+
+
+class RealMapsReport(BaseModel):
+    """Wafer-level verdicts of one stage on real labelled maps (a section of results.md)."""
+
+    stage: str
+    title: str
+    source: str  # the file name of the real maps
+    n_wafers: int
+    thresholds: str  # the verdict rules used, in words
+    markdown: str  # the verdict report's tables
+    metrics: dict[str, float | None]  # accuracy, macro_f1, n_wafers, ... (logged as real/<stage>/<key>)
+
+    def section(self) -> str:
+        return (f"\n## {self.title} ({self.source}, {self.n_wafers:,} wafers)\n\n{self.thresholds}\n\n"
+                f"{self.markdown}\n")
+
+
+class Evaluation(BaseModel):
+    """Every stage scored on the test split, the stage to register, and the real-map verdicts."""
+
+    model_stage: str
+    scores: dict[str, StageScores]
+    test_markdown: str  # the seed's results table, per-class IoU and the skip-order sentence
+    rows: list[dict]  # the results table as records (Prefect table artifact)
+    paths: dict[str, str]  # written files: results_md, results_csv, confusion_*, overlay, curves, real_*
+    real: list[RealMapsReport] = Field(default_factory=list)
+
+    def fail_mean_iu(self, stage: str) -> float:
+        return self.scores[stage].fail_mean_iu
+
+    @property
+    def real_by_stage(self) -> dict[str, dict[str, float | None]]:
+        return {r.stage: r.metrics for r in self.real}
+
+    @property
+    def results_md(self) -> Path:
+        return Path(self.paths["results_md"])
+
+    def markdown(self) -> str:
+        """The text of results.md."""
+        return results_markdown(self.test_markdown, self.real)
+
+
+def results_markdown(test_markdown: str, real: list[RealMapsReport]) -> str:
+    """results.md: the test-split tables, then one section per stage scored on real maps."""
+    return test_markdown + "".join(r.section() for r in real)
