@@ -40,7 +40,7 @@ from tasks.runtime import file_lock, make_task_runner
 from tasks.scoring import file_exists, part_files, predictions_path, remember_scorer, score_partition
 from tracking import nightly as tracking_nightly
 from tracking import registry, runs
-from tracking.store import reader
+from tracking.store import client, reader
 
 __all__ = ["NightlyParams", "nightly_inference"]
 
@@ -119,6 +119,12 @@ def report_nights(cfg: Config, params: NightlyParams, results: list[dict], *, cu
         flow_run_id=flow_run.get_id(), pictures=[picture],
         summary_markdown=nights_markdown(nights, model=model, flow_run=flow_run.get_id()),
         warnings=[w for w in warnings if w.startswith(newest.date)])
+    for night in nights[1:]:  # earlier nights of this run: their own points on the same charts
+        earlier = night.summary.rates[night.summary.rates["date"] == night.date]
+        tracking_nightly.log_night_metrics(
+            client(cfg.tracking_uri), run_id, night.date, pattern_counts=night.summary.pattern_counts,
+            pattern_rates=dict(zip(earlier["pattern"], earlier["rate"], strict=True)), wafers=night.summary.wafers,
+            wafers_scored=night.scored, warnings=sum(w.startswith(night.date) for w in warnings))
     markdown = nights_markdown(nights, model=model, flow_run=flow_run.get_id(), mlflow_run=run_id,
                                mlflow_url=runs.run_url(cfg, run_id))
     create_markdown_artifact(key="nightly-inference-summary", markdown=markdown,
