@@ -71,7 +71,7 @@ def nights_markdown(nights: Sequence[Night], *, model: str, flow_run: str | None
         where.append(f"flow run `{flow_run}`")
     lines.append("; ".join(where) + ".")
     if len(ordered) > 1:
-        lines += ["", f"This run scored {len(ordered)} nights (a first run scores every partition of the store); "
+        lines += ["", f"This run scored {len(ordered)} nights (e.g. the first run on a store); "
                       "each is reported on its own below, newest first: "
                   + ", ".join(f"{n.date} ({n.scored:,} wafers)" for n in ordered) + "."]
     for i, night in enumerate(ordered):
