@@ -55,7 +55,7 @@ class RealMapsReport(BaseModel):
     n_wafers: int
     thresholds: str  # the verdict rules used, in words
     markdown: str  # the verdict report's tables
-    metrics: dict[str, float | None]  # accuracy, macro_f1, n_wafers, ... (logged as real/<stage>/<key>)
+    metrics: dict[str, float | None]  # accuracy, macro_f1, n_wafers, ... (logged as real_<key>, tracking.scores)
 
     def section(self) -> str:
         return (f"\n## {self.title} ({self.source}, {self.n_wafers:,} wafers)\n\n{self.thresholds}\n\n"

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 
+from flows.names import demo_run_name, today
 from flows.nightly_inference import NightlyResult, nightly_inference
 from flows.params import DemoParams, NightlyParams, TrainParams
 from flows.train_fcn import TrainingSummary, train_fcn
@@ -40,11 +40,7 @@ class DemoSummary:
     picture: NightPicture | None  # None when tonight's partition was not scored by this run
 
 
-def today() -> str:
-    return datetime.now(timezone.utc).date().isoformat()
-
-
-@flow(name="demo", log_prints=True)
+@flow(name="demo", flow_run_name=demo_run_name, log_prints=True)
 def demo(params: DemoParams = DemoParams()) -> DemoSummary:
     """Train and register a model, then score a new synthetic night with it and draw that night."""
     log = get_run_logger()

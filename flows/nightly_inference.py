@@ -10,7 +10,10 @@
    each writing ``<home>/predictions/date=YYYY-MM-DD/predictions.parquet`` atomically; the
    watermark is updated after each one, so an interrupted night loses nothing and a re-run
    scores nothing twice.
-4. A Markdown summary artifact (patterns, yield loss by lot, jump warnings) and a table artifact.
+4. Each night scored reported on its own, newest first (a first run scores every night of the store):
+   an MLflow run of the newest night in the ``<experiment>-nightly`` experiment (counts and rates at
+   step = the night, the lots worst first, a picture of its most affected wafers, where the
+   predictions are), and Prefect Markdown and table artifacts linking it.
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ from prefect.states import Failed
 from fcn_core.config import Config
 from fcn_core.inference.runtime import resolve_device
 from fcn_core.ingest import list_partitions
+from fcn_core.nightly_report import Night, lot_rows, newest_first, nights_markdown
 from fcn_core.nightly_summary import JumpRule, read_predictions, summarise_night, trailing_window
 from fcn_core.watermark import WATERMARK_NAME, Watermark
+from flows.names import nightly_run_name
 from flows.params import NightlyParams
 from flows.steps import ingest_drops
+from tasks.pictures import render_most_affected
 from tasks.runtime import file_lock, make_task_runner
 from tasks.scoring import file_exists, part_files, predictions_path, remember_scorer, score_partition
-from tracking import registry
-from tracking.store import reader
+from tracking import nightly as tracking_nightly
+from tracking import registry, runs
+from tracking.store import client, reader
 
 __all__ = ["NightlyParams", "NightlyResult", "nightly_inference"]
 
@@ -91,21 +98,58 @@ def score_partitions(*, cfg: Config, plans: list[dict], curated_root: str, predi
     return {"done": sorted(done, key=lambda r: r["date"]), "failed": failed}
 
 
-def _summary(cfg: Config, params: NightlyParams, results: list[dict], model: str) -> tuple[str, list[dict], list[str]]:
-    dates = [r["date"] for r in results]
+def _nights(cfg: Config, params: NightlyParams, results: list[dict]) -> list[Night]:
+    """One summary per night scored, each against its own trailing week: nights are never added up."""
     root = str(predictions_root(cfg))
-    tonight = read_predictions(root, dates, class_names=cfg.class_names)
-    earlier = sorted({d for day in dates for d in trailing_window(day)} - set(dates))
-    history = read_predictions(root, earlier, class_names=cfg.class_names)
-    summary = summarise_night(
-        tonight, history, class_names=cfg.class_names, wafers_scored=sum(r["scored"] for r in results),
-        rule=JumpRule(factor=params.jump_factor, min_increase=params.jump_min_increase,
-                      min_wafers=params.jump_min_wafers))
-    rows = summary.yield_loss_by_lot.round(6).to_dict(orient="records")
-    return summary.to_markdown(model=model, flow_run=flow_run.get_id()), rows, summary.warnings
+    rule = JumpRule(factor=params.jump_factor, min_increase=params.jump_min_increase,
+                    min_wafers=params.jump_min_wafers)
+    nights = []
+    for result in results:
+        day = result["date"]
+        tonight = read_predictions(root, [day], class_names=cfg.class_names)
+        history = read_predictions(root, trailing_window(day), class_names=cfg.class_names)
+        nights.append(Night(day, int(result["scored"]), summarise_night(
+            tonight, history, class_names=cfg.class_names, wafers_scored=int(result["scored"]), rule=rule)))
+    return newest_first(nights)
 
 
-@flow(name="nightly-inference", log_prints=True)
+def report_nights(cfg: Config, params: NightlyParams, results: list[dict], *, curated_root: str, name: str,
+                  version) -> list[str]:
+    """The night in both UIs: an MLflow run of the newest night (counts, rates, lots, picture, where the
+    predictions are), then the Prefect Markdown and table artifacts linking it. Returns the jump warnings."""
+    nights = _nights(cfg, params, results)
+    newest = nights[0]
+    output = next(r["output"] for r in results if r["date"] == newest.date)
+    picture = render_most_affected(cfg=cfg, night=newest.date, curated_root=curated_root, predictions=output,
+                                   out=str(cfg.home_dir / "nightly" / f"most_affected_{newest.date}.png"))
+    model = f"{name}/{version}"
+    warnings = [w for night in nights for w in night.summary.warnings]
+    summary = newest.summary
+    rates = summary.rates[summary.rates["date"] == newest.date]
+    run_id = tracking_nightly.log_night(
+        cfg, night=newest.date, wafers_scored=newest.scored, wafers=summary.wafers,
+        pattern_counts=summary.pattern_counts, pattern_rates=dict(zip(rates["pattern"], rates["rate"], strict=True)),
+        lots=summary.yield_loss_by_lot, predictions=output, model_name=name, model_version=str(version),
+        flow_run_id=flow_run.get_id(), pictures=[picture],
+        summary_markdown=nights_markdown(nights, model=model, flow_run=flow_run.get_id()),
+        warnings=[w for w in warnings if w.startswith(newest.date)])
+    for night in nights[1:]:  # earlier nights of this run: their own points on the same charts
+        earlier = night.summary.rates[night.summary.rates["date"] == night.date]
+        tracking_nightly.log_night_metrics(
+            client(cfg.tracking_uri), run_id, night.date, pattern_counts=night.summary.pattern_counts,
+            pattern_rates=dict(zip(earlier["pattern"], earlier["rate"], strict=True)), wafers=night.summary.wafers,
+            wafers_scored=night.scored, warnings=sum(w.startswith(night.date) for w in warnings))
+    markdown = nights_markdown(nights, model=model, flow_run=flow_run.get_id(), mlflow_run=run_id,
+                               mlflow_url=runs.run_url(cfg, run_id))
+    create_markdown_artifact(key="nightly-inference-summary", markdown=markdown,
+                             description=f"Nightly inference of {newest.date}: patterns, worst lots, jump warnings")
+    if rows := lot_rows(nights):
+        create_table_artifact(key="nightly-yield-loss-by-lot", table=rows,
+                              description="Yield lost to each pattern per lot (% of on-wafer dies), worst lot first")
+    return warnings
+
+
+@flow(name="nightly-inference", flow_run_name=nightly_run_name, log_prints=True)
 def nightly_inference(params: NightlyParams = NightlyParams()):
     """Score new curated partitions with the champion model; idempotent and resumable."""
     log = get_run_logger()
@@ -156,14 +200,9 @@ def _ingest_and_score(cfg: Config, params: NightlyParams, *, curated_root: str, 
     done, failed = outcome["done"], outcome["failed"]
 
     if done:
-        markdown, rows, warnings = _summary(cfg, params, done, model=f"{name}/{version}")
+        warnings = report_nights(cfg, params, done, curated_root=curated_root, name=name, version=version)
         for w in warnings:
             log.warning("%s", w)
-        create_markdown_artifact(key="nightly-inference-summary", markdown=markdown,
-                                 description="Nightly inference: patterns, yield loss by lot, jump warnings")
-        if rows:
-            create_table_artifact(key="nightly-yield-loss-by-lot", table=rows,
-                                  description="Mean share of on-wafer dies lost to each pattern, per lot")
     else:
         warnings = []
     if failed:

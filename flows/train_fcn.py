@@ -27,6 +27,7 @@ from fcn_core.config import Config
 from fcn_core.evaluate import STAGE_TITLES
 from fcn_core.report import Evaluation, StageOutcome
 from fcn_core.train import FINETUNE, STAGES, stages_to_train
+from flows.names import training_run_name
 from flows.params import TrainParams
 from flows.steps import ingest_drops
 from tasks import recovery
@@ -34,7 +35,7 @@ from tasks.data import snapshot_splits, synthesise_drop
 from tasks.runtime import gpu_slot
 from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, register_task, scorer_task,
                             train_stage_task)
-from tracking import provenance, runs
+from tracking import datasets, provenance, runs
 from tracking.registry import RegistrationResult
 from tracking.store import open_store
 
@@ -108,6 +109,24 @@ def run_markdown(cfg: Config, summary: TrainingSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+# results table artifact: short column names (the UI cuts long tables off), fail-die scores first
+RESULTS_COLUMNS = {"model": "model", "wafers": "wafers", "fail_mean_iu": "fail_mean_iu", "fail_pixel_acc": "fail_pix_acc",
+                   "fail_mean_acc": "fail_mean_acc", "fail_fw_iu": "fail_fw_iu", "mean_iu": "mean_iu",
+                   "pixel_acc": "pix_acc"}
+
+
+def results_table(rows: list[dict], *, registered: str) -> list[dict]:
+    """The stages' test scores rounded to 3 decimals under short names, the registered stage marked."""
+    title = STAGE_TITLES.get(registered, registered)
+    table = []
+    for row in rows:
+        out = {short: (round(float(row[key]), 3) if isinstance(row.get(key), float) else row.get(key))
+               for key, short in RESULTS_COLUMNS.items()}
+        out["registered"] = "yes" if row.get("model") == title else ""
+        table.append(out)
+    return table
+
+
 def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
                  run_dir: Path) -> dict[str, StageOutcome]:
     """FCN-32s -> 16s -> 8s (-> 4s -> 2s -> 1s), each from the previous stage's best checkpoint, then
@@ -139,7 +158,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
     return results
 
 
-@flow(name="train-fcn", log_prints=True)
+@flow(name="train-fcn", flow_run_name=training_run_name, log_prints=True)
 def train_fcn(params: TrainParams = TrainParams()) -> TrainingSummary:
     """Train FCN-32s -> 16s -> 8s (-> 1s, fine-tuning) on the curated store, evaluate, register the model."""
     log = get_run_logger()
@@ -191,6 +210,8 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
         paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
 
     parent = runs.start_parent_run(client, cfg, data_fingerprint=provenance.data_fingerprint(list(paths.values())))
+    datasets.log_datasets(client, parent, {k: paths[k] for k in ("train", "val", "test", "finetune_train",
+                                                                 "real_holdout") if k in paths})
     client.set_tag(parent, "prefect.flow_run_id", flow_run.get_id() or "")
     client.set_tag(parent, "wafer_fcn.run_dir", str(run_dir))
     recovery.tag_with_process(client, parent)
@@ -214,7 +235,8 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
                 model_stage=chosen, real_path=paths.get("real_holdout"), real_stages=real_stages)
             registration = register_task(
                 cfg=cfg, parent_run_id=parent, scorer_path=results[chosen].scorer,
-                candidate_score=evaluation.fail_mean_iu(chosen), test_path=paths["test"])
+                candidate_score=evaluation.fail_mean_iu(chosen), test_path=paths["test"],
+                stage=chosen)
         status = "FINISHED"
     finally:
         runs.end_run(client, parent, status)
@@ -223,8 +245,10 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
     summary = TrainingSummary(
         mlflow_run_id=parent, stage=chosen, registration=registration, evaluation=evaluation, run_dir=str(run_dir),
         data={"counts": snap["counts"], **{k: data[k] for k in ("rows_valid", "rows_quarantined")}})
-    create_table_artifact(key="train-fcn-results", table=evaluation.rows,
-                          description=f"Test split scores per stage (MLflow run {parent})")
+    url = runs.run_url(cfg, parent)
+    create_table_artifact(key="train-fcn-results", table=results_table(evaluation.rows, registered=chosen),
+                          description="Test split scores per stage, fail dies first (MLflow run "
+                          + (f"[{parent}]({url})" if url else f"`{parent}`") + ")")
     create_markdown_artifact(key="train-fcn-mlflow", markdown=run_markdown(cfg, summary),
                              description="MLflow run and registry decision")
     return summary

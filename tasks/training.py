@@ -10,6 +10,7 @@ checkpoint anyway.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fcn_core.evaluate import (STAGE_TITLES, EvalScores, evaluate, evaluate_real
 from fcn_core.evaluate import results_markdown as test_markdown
 from fcn_core.report import Evaluation, RealMapsReport, StageOutcome, StageScores, results_markdown
 from fcn_core.inference.runtime import resolve_device
+from fcn_core.overlay import OverlayPick, pick_overlay_wafers
 from fcn_core.render import render_curves, render_wafers
 from fcn_core.scorer import SCORER_FILE, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
 from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic
@@ -32,10 +34,12 @@ from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
 from fcn_core.weak import holdout_mask, weak_label_table
 from tracking import runs
+from tracking import scores as tracking_scores
 from tracking.registry import RegistrationResult, register_model
 from tracking.store import RetryingClient, client
 
-OVERLAY_WAFERS = 8
+OVERLAY_PER_CLASS = 2  # test overlay: wafers drawn per pattern class
+OVERLAY_WORST_MISSES = 4  # ... and wafers with the lowest fail-die accuracy
 
 
 def _load_split(path: str) -> WaferSet:
@@ -59,7 +63,7 @@ def train_stage_task(*, cfg: Config, stage: str, train_path: str, val_path: str,
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
                          out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
                          on_epoch=runs.epoch_logger(client, stage_run_id), progress=True)
-    for key, value in (("best_val_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
+    for key, value in (("best_val_fail_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
                        ("train_seconds", result.seconds), ("train_wafers_per_s", result.wafers_per_s)):
         if (v := _finite(value)) is not None:
             client.log_metric(stage_run_id, key, v)
@@ -124,13 +128,7 @@ def calibrate_task(*, cfg: Config, checkpoint: str, real_path: str, stage_run_id
         device=device)
     dest = save_scorer(scorer, Path(checkpoint).with_name(SCORER_FILE))
     verdict = scorer.verdict
-    client = _store(cfg)
-    client.log_metric(stage_run_id, "calibration/macro_f1", f1)
-    patterns = cfg.class_names[1:]
-    for name, min_dies, min_share in zip(patterns, *verdict.thresholds(patterns)):
-        key = name.replace(" ", "_")
-        client.log_metric(stage_run_id, f"calibration/min_dies_{key}", float(min_dies))
-        client.log_metric(stage_run_id, f"calibration/min_share_{key}", float(min_share))
+    tracking_scores.log_calibration(_store(cfg), stage_run_id, verdict, f1, cfg.class_names)
     get_run_logger().info("verdict thresholds calibrated on %d real maps: %s (macro-F1 %.3f there; scores are "
                           "reported on the held-out maps only)", real.num_rows, verdict.describe(), f1)
     return str(dest)
@@ -143,14 +141,27 @@ def _stage_scores(s: EvalScores) -> StageScores:
     return StageScores(on_wafer=clean(s.on_wafer), fail_only=clean(s.fail_only), n_wafers=int(s.n_wafers))
 
 
-def _overlay(scorer: Scorer, test: WaferSet, path: Path, *, device) -> Path:
-    """Die map | truth | prediction of the test wafers with the most fail dies (the informative ones)."""
-    fails = np.array([int((d == FAIL).sum()) for d in test.die])
-    pick = sorted(np.argsort(-fails, kind="stable")[:OVERLAY_WAFERS].tolist())
-    wafers = test.subset(pick)
-    preds = scorer.predict_maps(wafers.die, device=device)
-    return render_wafers(wafers.die, path, classes=scorer.cfg.classes, label_maps=wafers.label, predictions=preds,
-                         titles=wafers.wafer_ids, ncols=2)
+def _overlay(scorer: Scorer, test: WaferSet, path: Path, *, class_names: list[str], device) -> list[Path]:
+    """Die map | truth | prediction of a few test wafers of every pattern class (by truth) and the worst
+    misses (lowest fail-die accuracy), titled by why each is drawn; the picks also as ``<name>.json``."""
+    preds = scorer.predict_maps(test.die, device=device)
+    picks = pick_overlay_wafers(test.wafer_ids, test.die, test.label, preds, class_names=class_names,
+                                per_class=OVERLAY_PER_CLASS, worst=OVERLAY_WORST_MISSES)
+    if not picks:  # no labels and no fail dies: draw the first wafers rather than nothing
+        picks = [OverlayPick(i, "first", None, None, test.wafer_ids[i]) for i in range(min(4, len(test)))]
+    wafers = test.subset([p.index for p in picks])
+    picture = render_wafers(wafers.die, path, classes=scorer.cfg.classes, label_maps=wafers.label,
+                            predictions=[preds[p.index] for p in picks], titles=[p.title for p in picks], ncols=2)
+    listing = path.with_suffix(".json")
+    listing.write_text(json.dumps([{"wafer_id": test.wafer_ids[p.index], "reason": p.reason, "pattern": p.pattern,
+                                    "fail_die_accuracy": p.fail_die_accuracy,
+                                    "truth_patterns": _truth_patterns(test.label[p.index], class_names)}
+                                   for p in picks], indent=1))
+    return [picture, listing]
+
+
+def _truth_patterns(label: np.ndarray | None, class_names: list[str]) -> list[str]:
+    return [] if label is None else [class_names[c] for c in np.unique(label).tolist() if 0 < c < len(class_names)]
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -186,21 +197,15 @@ def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out
         real_paths.update(stage_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in stage_paths.items()})
     tables = test_markdown(scores, class_names=cfg.class_names)
     paths = write_report(scores, out, class_names=cfg.class_names, markdown=results_markdown(tables, real))
-    paths["overlay"] = str(_overlay(served[model_stage], test, out / f"test_overlay_{model_stage}.png",
-                                    device=device))
+    picture, listing = _overlay(served[model_stage], test, out / f"test_overlay_{model_stage}.png",
+                                class_names=cfg.class_names, device=device)
+    paths["overlay"], paths["overlay_wafers"] = str(picture), str(listing)
     if histories:
         paths["curves"] = str(render_curves(histories, out / "learning_curves.png"))
     paths.update(real_paths)
     runs.log_files(client, parent_run_id, list(paths.values()), artifact_path="evaluation")
-    for stage, s in scores.items():
-        for scope, values in (("on_wafer", s.on_wafer), ("fail", s.fail_only)):
-            for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
-                if (v := _finite(values[key])) is not None:
-                    client.log_metric(parent_run_id, f"test/{stage}/{scope}_{key}", v)
-    for report in real:
-        for key, value in report.metrics.items():
-            if (v := _finite(value)) is not None:
-                client.log_metric(parent_run_id, f"real/{report.stage}/{key}", v)
+    tracking_scores.log_test_scores(client, parent_run_id, scores)
+    tracking_scores.log_real_scores(client, parent_run_id, {report.stage: report.metrics for report in real})
     rows = results_frame(scores, class_names=cfg.class_names).replace({np.nan: None}).to_dict(orient="records")
     return Evaluation(model_stage=model_stage, scores={k: _stage_scores(v) for k, v in scores.items()},
                       test_markdown=tables, rows=rows, paths=paths, real=real)
@@ -231,9 +236,10 @@ def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, stage: str, d
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def register_task(*, cfg: Config, parent_run_id: str, scorer_path: str, candidate_score: float,
-                  test_path: str) -> RegistrationResult:
+                  test_path: str, stage: str) -> RegistrationResult:
     """Log and register the scorer bundle at ``scorer_path`` (its verdict rules go with it);
-    ``champion`` moves only as ``fcn_core.promotion.decide`` says (at least the re-scored champion).
+    ``champion`` moves only as ``fcn_core.promotion.decide`` says (at least the re-scored champion);
+    ``stage`` (e.g. ``fcn1s``) goes into the version's description and tags.
 
     Retried: it talks to the tracking server and the artifact store. A retry after a partial
     registration may add one more version, which the alias policy handles like any other.
@@ -247,7 +253,7 @@ def register_task(*, cfg: Config, parent_run_id: str, scorer_path: str, candidat
                               multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
 
     result = register_model(cfg, client=store, run_id=parent_run_id, scorer_path=scorer_path,
-                            candidate_score=candidate_score, rescore=rescore)
+                            candidate_score=candidate_score, rescore=rescore, stage=stage)
     log = get_run_logger()
     log.info("registered %s v%s as %s (candidate %.4f, champion %s): %s", result.name, result.version, result.alias,
              result.candidate_score, "n/a" if result.champion_score is None else f"{result.champion_score:.4f}",

@@ -4,7 +4,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterId
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
+                                            FlowRunFilterParentFlowRunId)
 
 from fcn_core.table import read_parquet
 from flows.demo import DemoParams, demo, today
@@ -39,5 +40,14 @@ def test_demo_trains_registers_scores_tonight_and_draws_it(prefect_harness, tmp_
         flows = {client.read_flow(r.flow_id).name for r in children}
         tasks = [r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[parent])))]
+        named = {client.read_flow(r.flow_id).name: r for r in children}
+        assert client.read_flow_run(parent).name == f"demo-{night}"
+        summary_md = next(a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[named["nightly-inference"].id])))
+            if a.key == "nightly-inference-summary")
     assert {"train-fcn", "nightly-inference"} <= flows
+    assert (named["train-fcn"].name, named["nightly-inference"].name) == (f"tiny-{night}", night)
+    # the first nightly run of a fresh store also scores the training nights: tonight comes first, on its own
+    assert summary_md.startswith(f"# Nightly inference: night {night}\n")
+    assert f"## {night}\n\n{drop.num_rows:,} wafers scored" in summary_md
     assert all(any(t.startswith(name) for t in tasks) for name in ("synthesise-night", "render-night")), tasks

@@ -79,9 +79,43 @@ def test_scores_each_wafer_once_and_a_rerun_changes_nothing(champion_store, tmp_
     assert all(len(r) == 32 for r in table.column("model_run_id").to_pylist())
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))}
-    assert {"nightly-inference-summary", "nightly-yield-loss-by-lot"} <= keys
+        assert client.read_flow_run(state.state_details.flow_run_id).name == dt.datetime.now(
+            dt.timezone.utc).date().isoformat()  # no dates given: today's night
+    assert {"nightly-inference-summary", "nightly-yield-loss-by-lot"} <= set(artifacts)
+    newest, earlier = sorted(out, reverse=True)
+    per_night = {d: t.num_rows for d, t in out.items()}
+    # that night first, each night with its own total (never one sum presented as one night)
+    markdown = artifacts["nightly-inference-summary"].data
+    assert markdown.startswith(f"# Nightly inference: night {newest}\n")
+    assert markdown.index(f"## {newest}\n") < markdown.index(f"## {earlier} (an earlier night")
+    assert f"{per_night[newest]:,} wafers scored (" in markdown and f"{per_night[earlier]:,} wafers scored (" in markdown
+    assert "40 wafers scored" not in markdown
+    rows = artifacts["nightly-yield-loss-by-lot"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert rows[0]["night"] == newest and {"lot", "wafers", "yield_%", "lost_%"} <= set(rows[0])
+    assert all(v == round(v, 3) for r in rows for v in r.values() if isinstance(v, float))
+    # the MLflow record of the night: its own experiment, the night as step, lots, picture, predictions
+    from mlflow import MlflowClient
+
+    from tracking.nightly import night_step
+
+    mlflow = MlflowClient(tracking_uri=champion_store)
+    experiment = mlflow.get_experiment_by_name("wafer-fcn-nightly")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = mlflow.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'"))
+    assert run.info.run_name == f"nightly-{newest}" and run.info.status == "FINISHED"
+    assert run.data.params["predictions"] == first.outputs[newest]
+    assert run.info.run_id in markdown
+    scored = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "wafers_scored")}
+    assert scored == {night_step(d)[0]: n for d, n in per_night.items()}  # one point per night, never a sum
+    assert run.data.metrics["wafers_scored"] == per_night[newest]  # the latest value is that night's
+    assert any(k.startswith("rate_") for k in run.data.metrics)
+    logged = {f.path for f in mlflow.list_artifacts(run.info.run_id)} | {
+        f.path for f in mlflow.list_artifacts(run.info.run_id, "pictures")}
+    assert {"lots.csv", "lots.md", f"pictures/most_affected_{newest}.png"} <= logged
 
     watermark = (home / "predictions" / WATERMARK_NAME).read_text()
     stamps = {d: (home / "predictions" / f"date={d}" / "predictions.parquet").stat().st_mtime_ns for d in out}
@@ -92,8 +126,12 @@ def test_scores_each_wafer_once_and_a_rerun_changes_nothing(champion_store, tmp_
 
     # a late drop for the same nights: only its wafers are scored, nothing is lost
     night_drop(drops / "n2.parquet", n=10, start_index=40)
-    late = nightly_inference(nightly(home, champion_store, source=str(drops)))
+    late_state = nightly_inference(nightly(home, champion_store, source=str(drops), dates=sorted(out)),
+                                   return_state=True)
+    late = late_state.result()
     assert late.wafers_scored == 10
+    with get_client(sync_client=True) as client:  # named by the newest night asked for
+        assert client.read_flow_run(late_state.state_details.flow_run_id).name == max(out)
     after = predictions(home)
     assert sum(t.num_rows for t in after.values()) == 50
     assert len({i for t in after.values() for i in t.column("wafer_id").to_pylist()}) == 50

@@ -1,4 +1,8 @@
+import datetime as dt
 import json
+from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pytest
@@ -10,9 +14,10 @@ from prefect.utilities.callables import parameter_schema
 from pydantic import ValidationError
 
 from fcn_core.config import load_config
+from fcn_core.data import WaferSet
 from fcn_core.report import StageOutcome
 from fcn_core.synth import generate_wafers
-from fcn_core.table import write_parquet_atomic
+from fcn_core.table import read_parquet, write_parquet_atomic
 from flows.train_fcn import TrainParams, choose_stage, train_fcn
 from tasks.data import DataQualityError
 
@@ -63,7 +68,8 @@ def test_train_flow_trains_three_stages_and_registers_a_champion(trained):
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["fcn16s", "fcn1s", "fcn2s", "fcn32s", "fcn4s", "fcn8s"]
+    assert sorted(r.data.tags["stage"] for r in children) == ["fcn16s", "fcn1s", "fcn2s", "fcn32s", "fcn4s", "fcn8s"]
+    assert {r.data.tags["stage"]: r.info.run_name for r in children}["fcn1s"] == "FCN-1s"
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in children)
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert {"evaluation/results.md", "evaluation/results.csv", "evaluation/learning_curves.png",
@@ -82,6 +88,11 @@ def test_train_flow_task_runs_and_artifacts(trained):
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["model"] for r in rows] == ["FCN-32s", "FCN-16s", "FCN-8s", "FCN-4s", "FCN-2s", "FCN-1s"]
+    # rounded, fail_mean_iu among a few short columns, the registered stage marked
+    assert list(rows[0])[:3] == ["model", "wafers", "fail_mean_iu"] and len(rows[0]) <= 10
+    assert all(v == round(v, 3) for r in rows for v in r.values() if isinstance(v, float))
+    assert [r["registered"] for r in rows].count("yes") == 1
+    assert state.result().mlflow_run_id in table.description
     md = artifacts["train-fcn-mlflow"]
     assert md.type == "markdown" and state.result().mlflow_run_id in md.data and "champion" in md.data
     # results.md is written once from the typed results, and the artifact shows the same text
@@ -91,6 +102,53 @@ def test_train_flow_task_runs_and_artifacts(trained):
     assert results_md in md.data
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-0").limit == 1
+
+
+def test_train_flow_is_named_typed_and_scored_where_a_reader_looks(trained, tmp_path):
+    """What the MLflow and Prefect UIs show, checked through their APIs (issue 15)."""
+    home, state = trained
+    result = state.result()
+    day = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(state.state_details.flow_run_id).name == f"tiny-{day}"
+    client = MlflowClient(tracking_uri=load_config("tiny", {"home": str(home)}).tracking_uri)
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.run_name.startswith(f"tiny-{day}-")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # one key per measure: every stage run has the same test and validation keys (fail dies named)
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for run in children:
+        assert {"test_fail_mean_iu", "test_on_wafer_pixel_acc", "val_fail_mean_iu",
+                "best_val_fail_mean_iu"} <= set(run.data.metrics), run.data.tags["stage"]
+        assert not any(k.startswith(("test/", "calibration/")) for k in run.data.metrics)
+    ladder = client.get_metric_history(parent.info.run_id, "test_fail_mean_iu")
+    assert sorted(m.step for m in ladder) == [0, 1, 2, 3, 4, 5]  # FCN-32s ... FCN-1s on one chart
+    assert {m.step: m.value for m in ladder}[5] == pytest.approx(result.scores["fcn1s"])
+    # the splits as dataset inputs, their fingerprint as digest
+    contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+                for i in parent.inputs.dataset_inputs}
+    assert set(contexts) == {"train", "val", "test"}
+    assert all(d.digest and d.name == f"wafers-{c}" for c, d in contexts.items())
+    # the registered version says what it is
+    version = client.get_model_version("wafer-fcn", result.registration.version)
+    assert version.tags["stage"] == result.stage and version.tags["architecture"]
+    assert all(value.strip() for value in version.tags.values())  # filled or absent, never blank
+    assert f"stage `{result.stage}`" in version.description and "Promoted to `champion`" in version.description
+    # the test overlay: patterned wafers of every class of the test split, then the worst misses
+    listing = client.download_artifacts(parent.info.run_id, f"evaluation/test_overlay_{result.stage}.json",
+                                        str(tmp_path))
+    picks = json.loads(Path(listing).read_text())
+    test = read_parquet(str(Path(result.run_dir) / "data" / "test.parquet"))
+    by_id = dict(zip(test.column("wafer_id").to_pylist(), WaferSet.from_table(test).label, strict=True))
+    classes = load_config("tiny").class_names
+    in_test = {c for label in by_id.values() for c in np.unique(label) if c > 0}
+    assert len(in_test) >= 3  # the check below means something
+    shown = {c for p in picks for c in np.unique(by_id[p["wafer_id"]]) if c > 0}
+    assert shown >= in_test  # the chosen wafers' truth carries every pattern class of the test split
+    assert set().union(*(p["truth_patterns"] for p in picks)) == {classes[c] for c in in_test}
+    assert any(p["reason"] == "worst miss" for p in picks)
 
 
 def test_second_run_reuses_ingest_cache_and_applies_the_alias_policy(trained):
@@ -129,7 +187,7 @@ def test_failed_stage_fails_the_flow_and_its_mlflow_runs(trained, monkeypatch, t
         f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'"))
     assert parent.info.status == "FAILED"
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.info.run_name: r.info.status for r in children} == {"fcn32s": "FINISHED", "fcn16s": "FAILED"}
+    assert {r.data.tags["stage"]: r.info.status for r in children} == {"fcn32s": "FINISHED", "fcn16s": "FAILED"}
 
 
 def test_too_much_quarantine_fails_before_training(prefect_harness, tmp_path):
@@ -223,9 +281,14 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     assert not torch.load(tuned_ckpt, weights_only=True)["config"]["verdict"]["calibrated_on"]
     store = MlflowClient(tracking_uri=cfg.tracking_uri)
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
-                                     filter_string="attributes.run_name = 'finetune'")
-    assert {"calibration/macro_f1", "calibration/min_dies_scratch", "calibration/min_share_ring"} <= set(
-        tuned_run.data.metrics)
+                                     filter_string="tags.stage = 'finetune'")
+    assert "calibration_macro_f1" in tuned_run.data.metrics
+    assert not any(k.startswith("calibration") and k != "calibration_macro_f1" for k in tuned_run.data.metrics)
+    assert {"calibration.scratch.min_dies", "calibration.ring.min_share"} <= set(tuned_run.data.params)
+    assert tuned_run.data.params["calibration.calibrated_on"] == "real_finetune.parquet"
+    parent = store.get_run(result.mlflow_run_id)
+    assert {"finetune_train", "real_holdout"} <= {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in parent.inputs.dataset_inputs}
     results_md = next(run_data.glob("*/evaluation/results.md")).read_text()
     assert results_md.count("calibrated on real_finetune.parquet") == 2  # FCN-1s and the fine-tuned model
 

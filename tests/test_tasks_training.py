@@ -51,7 +51,10 @@ def test_calibration_writes_a_scorer_and_leaves_the_checkpoint_alone(prefect_har
     assert not hasattr(scorer.model, "verdict")
     for a, b in zip(scorer.model.state_dict().values(), torch.load(ckpt, weights_only=True)["model"].values()):
         assert torch.equal(a, b)
-    assert {"calibration/macro_f1", "calibration/min_dies_scratch"} <= set(client.get_run(run).data.metrics)
+    logged = client.get_run(run).data
+    assert set(logged.metrics) == {"calibration_macro_f1"}  # thresholds are settings: params, not metrics
+    assert logged.params["calibration.calibrated_on"] == "real_finetune.parquet"
+    assert int(logged.params["calibration.scratch.min_dies"]) == scorer.verdict.thresholds(["scratch"])[0][0]
 
 
 def test_an_uncalibrated_stage_is_served_with_the_configs_rules(prefect_harness, tmp_path):
