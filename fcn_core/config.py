@@ -456,6 +456,22 @@ def load_config(
     return Config.model_validate(data)
 
 
+# Settings older checkpoints and registered models carry but that no longer exist: dropped when such
+# a saved config is rebuilt, so old champions stay loadable (a YAML file with them is still an error).
+RETIRED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("train", "finetune", "holdout_fraction"),  # the real split is fixed by fcn_core.real_split now
+)
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild the config saved inside a checkpoint or an MLflow run."""
+    """Rebuild the config saved inside a checkpoint or an MLflow run (retired keys dropped)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for *parents, key in RETIRED_KEYS:
+        node = data
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return Config.model_validate(data)

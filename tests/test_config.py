@@ -188,3 +188,11 @@ def test_every_stage_has_its_config_section_and_the_final_stage_choices_follow_t
     assert all(cfg.train.stage(s) is getattr(cfg.train, s) for s in (*STAGES, FINETUNE))
     assert get_args(TrainConfig.model_fields["final_stage"].annotation) == STAGES[2:]
     assert stage_title("fcn8s") == "FCN-8s" and stage_title("other") == "other"
+
+
+def test_a_saved_config_with_a_retired_setting_still_loads():
+    saved = load_config("tiny").to_dict()
+    saved["train"]["finetune"]["holdout_fraction"] = 0.5  # what checkpoints before the real split carry
+    assert config_from_dict(saved) == load_config("tiny")
+    with pytest.raises(ValueError):
+        load_config("tiny", {"train.finetune.holdout_fraction": 0.5})  # not a setting any more
