@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fcn_core.real_split import HELD_OUT_TABLES, TRAINING_TABLES
 from fcn_core.settings import CHECKOUT_ROOT, REAL_VALIDATION_MAPS, settings
 from fcn_core.stages import STAGES
 
@@ -175,13 +176,21 @@ class FinetuneConfig(StageConfig):
 
     Off unless enabled; configs/default.yaml sets ``enabled: auto`` (on when the real maps are there).
 
-    The real maps come from ``eval.real_data``; a fixed ``holdout_fraction`` of them (by lot) is
-    never trained on and is the only part real-map scores are computed on while this is enabled.
+    Only ``train_tables`` are trained on (``fcn_core.real_split.check_trainable`` refuses the
+    held-out ``-val`` tables); ``eval.real_data`` / ``eval.mixed_data`` calibrate and score.
     """
 
     enabled: bool | Literal["auto"] = Field(
-        False, description="true: fine-tune (error without real maps); 'auto': when eval.real_data has maps")
-    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="share of real maps held out for evaluation")
+        False, description="true: fine-tune (error without real maps); 'auto': when the train tables and "
+                           "eval.real_data are there")
+    train_tables: list[str] = Field(
+        default_factory=lambda: list(TRAINING_TABLES),
+        description="real labelled tables to fine-tune on: file names in the real-data folder, or paths")
+    weak_labels: Literal["all_fail_dies", "pseudo_masks"] = Field(
+        "all_fail_dies", description="all_fail_dies: every fail die of a one-pattern wafer is that pattern "
+                                     "(mixes dropped); pseudo_masks: the synthetic-only model's confident dies, "
+                                     "restricted to the wafer's labelled patterns, others ignored (mixes kept)")
+    pseudo_min_prob: float = Field(0.6, gt=0, le=1, description="pseudo_masks: softmax a die needs to be taught")
     max_per_class: int | None = Field(
         1000, ge=1, description="cap on weakly labelled wafers per mapped class (WM-811K is 59 % 'none')")
     mix_synthetic: bool = Field(True, description="train on the synthetic train split too (keeps die-level skill)")
@@ -280,13 +289,34 @@ class EvalConfig(_Strict):
     real_data: str | None = Field(
         "auto", description="wafer table with dataset wafer labels (e.g. WM-811K); 'auto': "
                             "wm811k-val.parquet in the real-data folder (fcn_core.settings) when present; null: skip")
-    real_max_wafers: int | None = Field(None, ge=1, description="score a seeded random sample of N real wafers")
+    mixed_data: str | None = Field(
+        "auto", description="wafer table with multi-pattern labels (MixedWM38); 'auto': mixedwm38-val.parquet "
+                            "in the real-data folder when present; null: skip")
+    real_max_wafers: int | None = Field(
+        None, ge=1, description="score a seeded random sample of N wafers of each table's scoring part")
 
     def real_data_path(self) -> str | None:
         if self.real_data != "auto":
             return self.real_data
         found = settings().real_maps(REAL_VALIDATION_MAPS)
         return str(found) if found is not None else None
+
+    def mixed_data_path(self) -> str | None:
+        if self.mixed_data != "auto":
+            return self.mixed_data
+        found = settings().real_maps(MIXED_VALIDATION_MAPS)
+        return str(found) if found is not None else None
+
+
+def real_table_path(name: str) -> str | None:
+    """A real table given by file name (looked up in the real-data folder) or by path; None if absent."""
+    if Path(name).name == name:
+        found = settings().real_maps(name)
+        return str(found) if found is not None else None
+    return name if Path(name).exists() else None
+
+
+MIXED_VALIDATION_MAPS = HELD_OUT_TABLES[1]  # mixedwm38-val.parquet
 
 
 class TrackingConfig(_Strict):
@@ -324,7 +354,10 @@ class Config(_Strict):
     def finetune_enabled(self) -> bool:
         """train.finetune.enabled, with 'auto' meaning: when real labelled maps are at hand."""
         enabled = self.train.finetune.enabled
-        return self.eval.real_data_path() is not None if enabled == "auto" else bool(enabled)
+        if enabled != "auto":
+            return bool(enabled)
+        tables = [real_table_path(name) for name in self.train.finetune.train_tables]
+        return self.eval.real_data_path() is not None and all(t is not None for t in tables)
 
     @property
     def n_classes(self) -> int:
@@ -423,6 +456,22 @@ def load_config(
     return Config.model_validate(data)
 
 
+# Settings older checkpoints and registered models carry but that no longer exist: dropped when such
+# a saved config is rebuilt, so old champions stay loadable (a YAML file with them is still an error).
+RETIRED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("train", "finetune", "holdout_fraction"),  # the real split is fixed by fcn_core.real_split now
+)
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild the config saved inside a checkpoint or an MLflow run."""
+    """Rebuild the config saved inside a checkpoint or an MLflow run (retired keys dropped)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for *parents, key in RETIRED_KEYS:
+        node = data
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return Config.model_validate(data)

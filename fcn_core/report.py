@@ -46,16 +46,30 @@ class StageScores(BaseModel):
         return float(self.fail_only["mean_iu"])
 
 
+# The headline figures of issue #13, one column each in results.md's summary of the real maps.
+REAL_HEADLINES: dict[str, str] = {
+    "wm811k_accuracy": "WM-811K accuracy",
+    "wm811k_macro_f1": "WM-811K macro-F1",
+    "wm811k_die_purity": "WM-811K die purity",
+    "wm811k_false_alarm_share": "WM-811K false-alarm share",
+    "mixed_exact_match": "MixedWM38 exact-set match",
+    "mixed_macro_f1": "MixedWM38 macro-F1",
+}
+
+
 class RealMapsReport(BaseModel):
-    """Wafer-level verdicts of one stage on real labelled maps (a section of results.md)."""
+    """One stage on the held-out real maps (a section of results.md): WM-811K wafer verdicts, die
+    purity and false alarms; MixedWM38 multi-label ``patterns`` scores."""
 
     stage: str
     title: str
-    source: str  # the file name of the real maps
+    source: str  # the file names of the real maps scored
     n_wafers: int
     thresholds: str  # the verdict rules used, in words
-    markdown: str  # the verdict report's tables
-    metrics: dict[str, float | None]  # accuracy, macro_f1, n_wafers, ... (logged as real_<key>, tracking.scores)
+    markdown: str  # the reports' tables
+    # flat {name: value}: wm811k_accuracy, wm811k_macro_f1, wm811k_die_purity, wm811k_false_alarm_share,
+    # mixed_exact_match, mixed_macro_f1, mixed_f1_<pattern>, ... (logged as real_<name> by tracking.scores)
+    metrics: dict[str, float | None]
 
     def section(self) -> str:
         return (f"\n## {self.title} ({self.source}, {self.n_wafers:,} wafers)\n\n{self.thresholds}\n\n"
@@ -88,6 +102,21 @@ class Evaluation(BaseModel):
         return results_markdown(self.test_markdown, self.real)
 
 
+def real_summary(real: list[RealMapsReport]) -> str:
+    """One row per stage, one column per headline figure of the held-out real maps ('' when none)."""
+    columns = [k for k in REAL_HEADLINES if any(r.metrics.get(k) is not None for r in real)]
+    if not columns:
+        return ""
+
+    def cell(value: float | None) -> str:
+        return "" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    head = "| model | " + " | ".join(REAL_HEADLINES[k] for k in columns) + " |"
+    rule = "| --- |" + " ---: |" * len(columns)
+    rows = [f"| {r.stage} | " + " | ".join(cell(r.metrics.get(k)) for k in columns) + " |" for r in real]
+    return "\n## Held-out real maps (scoring parts)\n\n" + "\n".join([head, rule, *rows]) + "\n"
+
+
 def results_markdown(test_markdown: str, real: list[RealMapsReport]) -> str:
-    """results.md: the test-split tables, then one section per stage scored on real maps."""
-    return test_markdown + "".join(r.section() for r in real)
+    """results.md: the test-split tables, the real-map headline figures per stage, then one section
+    per stage scored on real maps."""
+    return test_markdown + real_summary(real) + "".join(r.section() for r in real)

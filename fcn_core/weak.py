@@ -1,9 +1,19 @@
 """Weak labels for real wafer maps, and the fine-tune / held-out split they need.
 
-Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks. A weak label map
-gives every fail die of a single-label wafer that label's class (``Edge-Ring`` -> ring, ...) and
-every fail die of a ``None``/``Random`` wafer background. It is noisy (the random fails of an
-Edge-Ring wafer become "ring" too), but it teaches the model what real patterns look like.
+Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks. Two ways to turn it
+into die targets (``train.finetune.weak_labels``):
+
+- ``all_fail_dies`` (:func:`weak_label_table`): every fail die of a single-label wafer gets that
+  label's class (``Edge-Ring`` -> ring, ...), every fail die of a ``None``/``Random`` wafer
+  background; mixes are dropped. Noisy: the random fails of an Edge-Ring wafer become "ring" too.
+- ``pseudo_masks`` (:func:`pseudo_mask_table`): a model trained on synthetic maps only predicts the
+  real map; a fail die is taught pattern k only if k is among the wafer's labelled patterns and the
+  model gives k at least ``min_prob``; a die it confidently calls background is taught background;
+  every other fail die is ignored (``IGNORE_LABEL``, never taught). ``None``/``Random`` wafers teach
+  background on every fail die. Mixes are kept: each labelled pattern may be taught.
+
+``IGNORE_LABEL`` (255) lives only in the internal fine-tune file: ``fcn_core.padding.train_targets``
+passes it through as ``IGNORE_INDEX``; user tables with it are rejected by ``fcn_core.validate``.
 
 Honest evaluation needs wafers the model never saw: ``holdout_mask`` splits a real table by a
 salted hash of lot_id (wafer_id when there is no lot), so the split is the same in every run and
@@ -19,17 +29,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+import torch
+
 from fcn_core.config import SplitConfig
 from fcn_core.ingest import assign_splits
+from fcn_core.padding import IGNORE_INDEX, collate, size_buckets
 from fcn_core.table import FAIL, die_maps
 from fcn_core.stages import NO_PATTERN
-from fcn_core.verdicts import UNLABELLED, map_dataset_label
+from fcn_core.verdicts import NONE, PATTERN_SEPARATOR, UNLABELLED, dataset_label_patterns, map_dataset_label
+
+IGNORE_LABEL = IGNORE_INDEX  # label_map byte of a fail die that is never taught (internal files only)
 
 
 @dataclass
 class WeakLabelReport:
     kept: dict[str, int] = field(default_factory=dict)  # mapped class name -> wafers
     dropped: dict[str, int] = field(default_factory=dict)  # dataset label (or UNLABELLED) -> wafers
+    dies: dict[str, int] = field(default_factory=dict)  # pseudo-masks: fail dies taught background/pattern, ignored
 
 
 def holdout_mask(table: pa.Table, *, fraction: float, salt: str = "wafer-fcn-holdout") -> np.ndarray:
@@ -85,3 +101,116 @@ def weak_label_table(
     column = kept.schema.get_field_index("label_map")
     kept = kept.set_column(column, kept.schema.field(column), pa.array(weak, pa.binary()))
     return kept, report
+
+
+def pseudo_mask(die: np.ndarray, probs: np.ndarray, allowed: set[int], *, min_prob: float) -> np.ndarray:
+    """uint8 label map of one real wafer from a model's softmax ``probs`` (C, H, W) over its map.
+
+    ``allowed``: the class ids of the wafer's labelled patterns (empty: a None/Random wafer, whose
+    fail dies are all taught background). Otherwise a fail die is taught its most likely class if
+    that class is background or in ``allowed`` and has at least ``min_prob``; else IGNORE_LABEL.
+    Pass dies and off-wafer cells are 0 (the loss never sees them).
+    """
+    fail = die == FAIL
+    if not allowed:
+        return np.zeros(die.shape, np.uint8)
+    best = probs.argmax(axis=0)
+    confident = np.take_along_axis(probs, best[None], axis=0)[0] >= min_prob
+    teachable = np.isin(best, sorted(allowed | {0})) & confident
+    out = np.where(teachable, best, IGNORE_LABEL).astype(np.uint8)
+    out[~fail] = 0
+    return out
+
+
+@torch.no_grad()
+def softmax_maps(model: torch.nn.Module, die: Sequence[np.ndarray], *, device: str | torch.device = "cpu",
+                 batch_size: int = 128, multiple: int = 32, fixed: int | None = None) -> list[np.ndarray]:
+    """(C, h, w) float32 class probabilities of every die map (cropped back to its size), in input order."""
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray | None] = [None] * len(die)
+    for idx in size_buckets([d.shape[0] for d in die], [d.shape[1] for d in die], batch_size=batch_size,
+                            multiple=multiple, fixed=fixed):
+        batch = collate([die[i] for i in idx], None, multiple=multiple, fixed=fixed)
+        probs = torch.softmax(model(batch.x.to(device)).float(), dim=1).cpu().numpy()
+        for j, i in enumerate(idx):
+            h, w = batch.sizes[j]
+            out[i] = probs[j, :, :h, :w]
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def label_patterns(table: pa.Table, class_names: Sequence[str]) -> list[set[int] | None]:
+    """Per row, the class ids of the wafer label's patterns (empty for None/Random; None: excluded)."""
+    class_id = {name: i for i, name in enumerate(class_names)}
+    out: list[set[int] | None] = []
+    for label in table.column("wafer_label").to_pylist():
+        patterns = dataset_label_patterns(label)
+        if patterns is None:
+            out.append(None)
+            continue
+        unknown = sorted(patterns - {NONE} - set(class_id))
+        if unknown:
+            raise ValueError(f"dataset label {label!r} means {unknown}, not configured classes {list(class_names)}")
+        out.append({class_id[p] for p in patterns - {NONE}})
+    return out
+
+
+def pseudo_mask_table(
+    table: pa.Table,
+    model: torch.nn.Module,
+    *,
+    class_names: Sequence[str],
+    min_prob: float,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    multiple: int = 32,
+    fixed: int | None = None,
+) -> tuple[pa.Table, WeakLabelReport]:
+    """Rows with a usable dataset label (mixes included), ``label_map`` = :func:`pseudo_mask`.
+
+    ``max_per_class`` caps the wafers per label pattern set ('ring', 'local zone+ring', 'none', ...)
+    with a seeded sample. ``report.kept`` counts wafers per pattern set; ``report.dies`` counts the
+    fail dies taught background, taught a pattern and ignored.
+    """
+    if "wafer_label" not in table.column_names:
+        raise ValueError("pseudo-masks need a wafer_label column (the dataset's wafer-level label)")
+    allowed = label_patterns(table, class_names)
+    labels = table.column("wafer_label").to_pylist()
+    report = WeakLabelReport()
+    report.dropped = dict(Counter(str(labels[i]) if labels[i] else UNLABELLED
+                                  for i, a in enumerate(allowed) if a is None))
+    by_set: dict[str, list[int]] = {}
+    for i, a in enumerate(allowed):
+        if a is not None:
+            key = PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE
+            by_set.setdefault(key, []).append(i)
+    keep = _capped(by_set, max_per_class, seed, report)
+    kept = table.take(pa.array(keep, pa.int64()))
+    die = die_maps(kept)
+    probs = softmax_maps(model, die, device=device, multiple=multiple, fixed=fixed)
+    masks = [pseudo_mask(d, p, allowed[i], min_prob=min_prob) for d, p, i in zip(die, probs, keep)]
+    taught = Counter()
+    for d, m in zip(die, masks):
+        fail = m[d == FAIL]
+        taught["background"] += int((fail == 0).sum())
+        taught["pattern"] += int(((fail > 0) & (fail != IGNORE_LABEL)).sum())
+        taught["ignored"] += int((fail == IGNORE_LABEL).sum())
+    report.dies = dict(taught)
+    column = kept.schema.get_field_index("label_map")
+    kept = kept.set_column(column, kept.schema.field(column), pa.array([m.tobytes() for m in masks], pa.binary()))
+    return kept, report
+
+
+def _capped(groups: dict[str, list[int]], max_per_class: int | None, seed: int,
+            report: WeakLabelReport) -> list[int]:
+    """Row indices of every group, at most ``max_per_class`` each (seeded sample), sorted; counts in report."""
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for name, rows in sorted(groups.items()):
+        if max_per_class is not None and len(rows) > max_per_class:
+            rows = sorted(rng.choice(rows, size=max_per_class, replace=False).tolist())
+        report.kept[name] = len(rows)
+        keep.extend(rows)
+    return sorted(keep)

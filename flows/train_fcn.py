@@ -33,8 +33,8 @@ from flows.steps import ingest_drops
 from tasks import recovery
 from tasks.data import snapshot_splits, synthesise_drop
 from tasks.runtime import gpu_slot
-from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, register_task, scorer_task,
-                            train_stage_task)
+from tasks.training import (calibrate_task, evaluate_stages, prepare_real_task, pseudo_label_task, register_task,
+                            scorer_task, train_stage_task)
 from tracking import datasets, provenance, runs
 from tracking.registry import RegistrationResult
 from tracking.store import open_store
@@ -133,7 +133,7 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
     the optional weak-label fine-tuning on real maps; each stage in its own MLflow run."""
     stages = list(stages_to_train(cfg)) + ([FINETUNE] if cfg.finetune_enabled else [])
     # with real maps at hand, the synthetic-only model and the fine-tuned one both get verdict
-    # thresholds fitted on the fine-tune part, so the held-out comparison is like for like
+    # thresholds fitted on wm811k-val's calibration part, so the scoring-part comparison is like for like
     calibrated = {stages[-2], FINETUNE} if cfg.finetune_enabled else set()
     results: dict[str, StageOutcome] = {}
     init = None
@@ -142,13 +142,16 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
         recovery.tag_with_process(client, stage_run)
         status = "FAILED"
         try:
+            if stage == FINETUNE and cfg.train.finetune.weak_labels == "pseudo_masks":  # from the model before it
+                pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["real_train"],
+                                  synthetic_path=paths["train"], dest=paths["finetune_train"])
             train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
             outcome = train_stage_task(
                 cfg=cfg, stage=stage, train_path=train_path, val_path=paths["val"],
                 out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
             best = outcome.best_checkpoint  # the next stage starts from it, never from a calibrated copy
             scorer = (  # what is evaluated and registered: the model and its verdict rules
-                calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_finetune"], stage_run_id=stage_run)
+                calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_calibration"], stage_run_id=stage_run)
                 if stage in calibrated else scorer_task(cfg=cfg, checkpoint=best))
             results[stage] = outcome.model_copy(update={"scorer": scorer})
             status = "FINISHED"
@@ -203,15 +206,18 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
     snap = snapshot_splits(curated_root=str(curated_root), out_dir=str(run_dir / "data"),
                            pad_multiple=cfg.data.pad_multiple, pad_fixed=cfg.data.pad_fixed)
     paths = dict(snap["paths"])
-    if cfg.finetune_enabled:  # real maps: weak labels for fine-tuning, a held-out part for scores
+    real_scoring = None
+    if cfg.finetune_enabled:  # real maps: -train tables to fine-tune on, -val tables to calibrate and score
         real = prepare_real_task(cfg=cfg, train_path=paths["train"], out_dir=str(run_dir / "data"))
         paths["finetune_train"] = real["paths"]["train"]  # weak real maps (+ synthetic train)
-        paths["real_finetune"] = real["paths"]["real_finetune"]  # all real maps outside the holdout
-        paths["real_holdout"] = real["paths"]["holdout"]  # scored, never trained on
+        paths["real_train"] = real["paths"]["real_train"]  # the real maps trained on, as read
+        paths["real_calibration"] = real["paths"]["real_calibration"]  # verdict thresholds, never trained on
+        real_scoring = {k: real["paths"][f"{k}_scoring"] for k in ("real", "mixed") if f"{k}_scoring" in real["paths"]}
 
-    parent = runs.start_parent_run(client, cfg, data_fingerprint=provenance.data_fingerprint(list(paths.values())))
-    datasets.log_datasets(client, parent, {k: paths[k] for k in ("train", "val", "test", "finetune_train",
-                                                                 "real_holdout") if k in paths})
+    inputs = [p for p in [*paths.values(), *(real_scoring or {}).values()] if Path(p).exists()]  # pseudo-masks: later
+    parent = runs.start_parent_run(client, cfg, data_fingerprint=provenance.data_fingerprint(inputs))
+    logged = {**paths, **{f"{k}_scoring": v for k, v in (real_scoring or {}).items()}}
+    datasets.log_datasets(client, parent, {k: v for k, v in logged.items() if Path(v).exists()})
     client.set_tag(parent, "prefect.flow_run_id", flow_run.get_id() or "")
     client.set_tag(parent, "wafer_fcn.run_dir", str(run_dir))
     recovery.tag_with_process(client, parent)
@@ -232,7 +238,7 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
                 cfg=cfg, scorers={s: r.scorer for s, r in results.items()},
                 test_path=paths["test"], out_dir=str(run_dir / "evaluation"),
                 histories=[h for r in results.values() for h in r.history], parent_run_id=parent,
-                model_stage=chosen, real_path=paths.get("real_holdout"), real_stages=real_stages)
+                model_stage=chosen, real_scoring=real_scoring, real_stages=real_stages)
             registration = register_task(
                 cfg=cfg, parent_run_id=parent, scorer_path=results[chosen].scorer,
                 candidate_score=evaluation.fail_mean_iu(chosen), test_path=paths["test"],

@@ -19,10 +19,9 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fcn_core.config import Config
+from fcn_core.config import Config, real_table_path
 from fcn_core.data import WaferSet
-from fcn_core.evaluate import (STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_real_report,
-                               write_report)
+from fcn_core.evaluate import STAGE_TITLES, EvalScores, evaluate, evaluate_real, results_frame, write_report
 from fcn_core.evaluate import results_markdown as test_markdown
 from fcn_core.report import Evaluation, RealMapsReport, StageOutcome, StageScores, results_markdown
 from fcn_core.inference.runtime import resolve_device
@@ -30,9 +29,12 @@ from fcn_core.overlay import OverlayPick, pick_overlay_wafers
 from fcn_core.render import render_curves, render_wafers
 from fcn_core.scorer import SCORER_FILE, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
 from fcn_core.table import FAIL, WAFER_COLUMNS, WAFER_SCHEMA, read_parquet, write_parquet_atomic
+from fcn_core.real_split import check_trainable, split_held_out
 from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
-from fcn_core.weak import holdout_mask, weak_label_table
+from fcn_core.verdicts import (dataset_patterns_string, die_metrics, die_purity, false_alarm_share, map_dataset_label,
+                               miss_examples, multilabel_metrics, multilabel_scores)
+from fcn_core.weak import pseudo_mask_table, weak_label_table
 from tracking import runs
 from tracking import scores as tracking_scores
 from tracking.registry import RegistrationResult, register_model
@@ -74,39 +76,88 @@ def train_stage_task(*, cfg: Config, stage: str, train_path: str, val_path: str,
 
 @task(name="prepare-real-maps", cache_policy=NO_CACHE)
 def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
-    """Split the real labelled maps into a fine-tune part and a held-out part (by lot, fixed salt),
-    weak-label the fine-tune part and write this run's fine-tuning train set.
+    """The one honest split of the real maps (docs/real-data.md), written into this run's data folder.
 
-    Returns paths (``train``: weak real maps, plus the synthetic train split when
-    ``mix_synthetic``; ``holdout``: real maps for evaluation only; ``real_finetune``: the other
-    real maps, all of them, for calibrating verdict thresholds) and counts.
+    Trains: only ``train.finetune.train_tables`` (the ``-train`` tables), weakly labelled. The held-out
+    tables (``eval.real_data``: wm811k-val; ``eval.mixed_data``: mixedwm38-val) are never trained on:
+    ``fcn_core.real_split.split_held_out`` cuts each into a calibration part (verdict thresholds) and a
+    scoring part (reported figures). Returns paths (``train``: the fine-tune file, written here for
+    ``all_fail_dies`` and by :func:`pseudo_label_task` for ``pseudo_masks``; ``real_train``: the real
+    training maps as read; ``real_calibration``/``real_scoring``; ``mixed_calibration``/``mixed_scoring``
+    when the mixed table is there) and counts.
     """
     ft = cfg.train.finetune
     source = cfg.eval.real_data_path()
-    if not source:
-        raise ValueError("train.finetune.enabled=true needs real labelled maps, but eval.real_data is unset and "
-                         "../shared/data/wm811k-val.parquet is absent: set eval.real_data to a wafer table")
-    checked = validate_table(read_parquet(source), n_classes=cfg.n_classes)
-    real = checked.valid  # exactly WAFER_SCHEMA
-    held = holdout_mask(real, fraction=ft.holdout_fraction)
-    weak, report = weak_label_table(real.filter(pa.array(~held)), class_names=cfg.class_names,
-                                    max_per_class=ft.max_per_class, seed=cfg.train.seed)
-    parts = [weak]
-    if ft.mix_synthetic:
-        parts.append(read_parquet(train_path).select(WAFER_COLUMNS).cast(WAFER_SCHEMA))
+    train_sources = [real_table_path(name) for name in ft.train_tables]
+    if not source or None in train_sources:
+        missing = [n for n, p in zip(ft.train_tables, train_sources) if p is None]
+        raise ValueError("train.finetune.enabled=true needs real labelled maps: "
+                         + (f"train tables {missing} not found; " if missing else "")
+                         + ("" if source else "eval.real_data is unset and wm811k-val.parquet is absent; ")
+                         + "set WAFER_FCN_REAL_DATA or train.finetune.train_tables / eval.real_data")
     out = Path(out_dir)
-    paths = {"train": str(out / "finetune_train.parquet"), "holdout": str(out / "real_holdout.parquet"),
-             "real_finetune": str(out / "real_finetune.parquet")}
-    write_parquet_atomic(pa.concat_tables(parts), paths["train"])
-    write_parquet_atomic(real.filter(pa.array(held)), paths["holdout"])
-    write_parquet_atomic(real.filter(pa.array(~held)), paths["real_finetune"])  # for verdict calibration
-    counts = {"real_valid": real.num_rows, "real_quarantined": checked.n_quarantined,
-              "holdout": int(held.sum()), "weak": weak.num_rows,
-              "synthetic": parts[1].num_rows if len(parts) > 1 else 0}
-    get_run_logger().info("real maps %s: %d held out for evaluation; %d weakly labelled for fine-tuning %s "
-                          "(dropped %s), plus %d synthetic", source, counts["holdout"], counts["weak"],
-                          report.kept, report.dropped or "none", counts["synthetic"])
-    return {"paths": paths, "counts": counts, "kept": report.kept, "dropped": report.dropped}
+    paths = {"train": str(out / "finetune_train.parquet"), "real_train": str(out / "real_train.parquet")}
+    counts: dict[str, int] = {}
+    quarantined = 0
+    parts = []
+    for path in train_sources:
+        checked = validate_table(read_parquet(str(check_trainable(path))), n_classes=cfg.n_classes)
+        parts.append(checked.valid)  # exactly WAFER_SCHEMA
+        quarantined += checked.n_quarantined
+    real_train = pa.concat_tables(parts)
+    write_parquet_atomic(real_train, paths["real_train"])
+    for name, held_path in (("real", source), ("mixed", cfg.eval.mixed_data_path())):
+        if not held_path:
+            continue
+        checked = validate_table(read_parquet(held_path), n_classes=cfg.n_classes)
+        quarantined += checked.n_quarantined
+        split = split_held_out(checked.valid)
+        for part in ("calibration", "scoring"):
+            paths[f"{name}_{part}"] = str(out / f"{Path(held_path).stem}_{part}.parquet")
+            write_parquet_atomic(getattr(split, part), paths[f"{name}_{part}"])
+            counts[f"{name}_{part}"] = getattr(split, part).num_rows
+    counts.update(real_train=real_train.num_rows, real_quarantined=quarantined)
+    log = get_run_logger()
+    if ft.weak_labels == "all_fail_dies":
+        weak, report = weak_label_table(real_train, class_names=cfg.class_names, max_per_class=ft.max_per_class,
+                                        seed=cfg.train.seed)
+        counts.update(_write_finetune_set(cfg, weak, train_path, paths["train"]))
+        log.info("fine-tune set: %d real maps weakly labelled (all fail dies) %s (dropped %s), plus %d synthetic",
+                 counts["weak"], report.kept, report.dropped or "none", counts["synthetic"])
+    log.info("real maps: %d to train on from %s; held out (never trained on): %s", real_train.num_rows,
+             ", ".join(Path(p).name for p in train_sources),
+             ", ".join(f"{k} {v}" for k, v in counts.items() if k.endswith(("calibration", "scoring"))))
+    return {"paths": paths, "counts": counts}
+
+
+def _write_finetune_set(cfg: Config, weak: pa.Table, synthetic_path: str, dest: str) -> dict[str, int]:
+    """The fine-tune train file: the weakly labelled real maps, plus the synthetic train split when
+    ``mix_synthetic``."""
+    parts = [weak]
+    if cfg.train.finetune.mix_synthetic:
+        parts.append(read_parquet(synthetic_path).select(WAFER_COLUMNS).cast(WAFER_SCHEMA))
+    write_parquet_atomic(pa.concat_tables(parts), dest)
+    return {"weak": weak.num_rows, "synthetic": parts[1].num_rows if len(parts) > 1 else 0}
+
+
+@task(name="pseudo-masks", cache_policy=NO_CACHE)
+def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, synthetic_path: str,
+                      dest: str) -> dict[str, int]:
+    """``train.finetune.weak_labels=pseudo_masks``: the fine-tune file from the synthetic-only model's
+    confident dies on the real training maps, restricted to each wafer's labelled patterns
+    (``fcn_core.weak.pseudo_mask_table``); uncertain dies are ignored by the loss."""
+    ft = cfg.train.finetune
+    device = resolve_device(cfg.train.device)
+    scorer = scorer_from_checkpoint(checkpoint, device=device)
+    weak, report = pseudo_mask_table(read_parquet(real_train_path), scorer.model, class_names=cfg.class_names,
+                                     min_prob=ft.pseudo_min_prob, max_per_class=ft.max_per_class,
+                                     seed=cfg.train.seed, device=device, multiple=scorer.pad_multiple,
+                                     fixed=scorer.pad_fixed)
+    counts = _write_finetune_set(cfg, weak, synthetic_path, dest)
+    get_run_logger().info("fine-tune set: %d real maps pseudo-masked %s (dropped %s; fail dies %s), plus %d "
+                          "synthetic", counts["weak"], report.kept, report.dropped or "none", report.dies,
+                          counts["synthetic"])
+    return {**counts, **{f"dies_{k}": v for k, v in report.dies.items()}}
 
 
 @task(name="build-scorer", cache_policy=NO_CACHE)
@@ -119,8 +170,9 @@ def scorer_task(*, cfg: Config, checkpoint: str) -> str:
 @task(name="calibrate-verdicts", cache_policy=NO_CACHE)
 def calibrate_task(*, cfg: Config, checkpoint: str, real_path: str, stage_run_id: str) -> str:
     """Choose a model's verdict thresholds (min_dies, min_share, shared then per pattern) for the best
-    macro-F1 on the fine-tune part of the real maps (never the held-out ones); returns the path of
-    a scorer bundle with them, beside the checkpoint (which is left as it is)."""
+    wafer-level macro-F1 on ``real_path``, the calibration part of wm811k-val (never its scoring part,
+    never a training map); returns the path of a scorer bundle with them, beside the checkpoint
+    (which is left as it is)."""
     device = resolve_device(cfg.train.device)
     real = read_parquet(real_path)
     scorer, f1 = scorer_from_checkpoint(checkpoint, device=device).calibrated(
@@ -166,14 +218,16 @@ def _truth_patterns(label: np.ndarray | None, class_names: list[str]) -> list[st
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out_dir: str,
-                    histories: list[dict], parent_run_id: str, model_stage: str, real_path: str | None = None,
-                    real_stages: list[str] | None = None) -> Evaluation:
+                    histories: list[dict], parent_run_id: str, model_stage: str,
+                    real_scoring: dict[str, str] | None = None, real_stages: list[str] | None = None) -> Evaluation:
     """The seed's results table for every stage on the test split, plus pictures, logged to the parent run.
 
     ``scorers``: the scorer bundle of each stage. The overlay picture shows ``model_stage`` (the
-    stage that will be registered). Real-map verdicts are scored for ``real_stages`` (default:
-    ``model_stage``) on ``real_path`` (default: ``eval.real_data``; the held-out part when
-    fine-tuning). results.md is written once, from the returned :class:`Evaluation`.
+    stage that will be registered). Real maps are scored for ``real_stages`` (default:
+    ``model_stage``) on the scoring parts of the held-out tables: ``real_scoring`` (``real``: WM-811K,
+    ``mixed``: MixedWM38, as written by :func:`prepare_real_task`), by default cut here from
+    ``eval.real_data`` / ``eval.mixed_data``. Files go to ``evaluation/real/<stage>/``. results.md is
+    written once, from the returned :class:`Evaluation`.
     """
     client = _store(cfg)
     device = resolve_device(cfg.train.device)
@@ -184,17 +238,14 @@ def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out
         scores[stage] = evaluate(scorer.model, test, n_classes=scorer.n_classes, device=device,
                                  multiple=scorer.pad_multiple, fixed=scorer.pad_fixed)
     out = Path(out_dir)
-    real_source = real_path or cfg.eval.real_data_path()
-    real_stages = real_stages or [model_stage]
+    held_out = _scoring_parts(cfg, real_scoring)
     real: list[RealMapsReport] = []
     real_paths: dict[str, str] = {}
-    for stage in real_stages if real_source else []:
-        folder = out if len(real_stages) == 1 else out / f"real_{stage}"
-        stage_paths, report = _evaluate_real_maps(
-            cfg, served[stage], folder, stage=stage, device=device, source=real_source,
-            title=f"Real wafer maps{', held-out part' if real_path else ''}: {STAGE_TITLES.get(stage, stage)}")
+    for stage in (real_stages or [model_stage]) if held_out else []:
+        stage_paths, report = _evaluate_real_maps(cfg, served[stage], out / "real" / stage, stage=stage,
+                                                  device=device, held_out=held_out)
         real.append(report)
-        real_paths.update(stage_paths if len(real_stages) == 1 else {f"{stage}_{k}": v for k, v in stage_paths.items()})
+        real_paths.update({f"real_{stage}_{k}": v for k, v in stage_paths.items()})
     tables = test_markdown(scores, class_names=cfg.class_names)
     paths = write_report(scores, out, class_names=cfg.class_names, markdown=results_markdown(tables, real))
     picture, listing = _overlay(served[model_stage], test, out / f"test_overlay_{model_stage}.png",
@@ -211,27 +262,116 @@ def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out
                       test_markdown=tables, rows=rows, paths=paths, real=real)
 
 
-def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, stage: str, device, source: str,
-                        title: str) -> tuple[dict[str, str], RealMapsReport]:
-    """Wafer-level verdicts on real labelled maps, written to ``out``; the section for results.md."""
-    log = get_run_logger()
-    result = validate_table(read_parquet(source), n_classes=cfg.n_classes)
-    table = result.valid
-    if cfg.eval.real_max_wafers and cfg.eval.real_max_wafers < table.num_rows:
-        # a seeded random sample: files are often sorted by label, so the first N would be one class
-        pick = np.random.default_rng(0).choice(table.num_rows, cfg.eval.real_max_wafers, replace=False)
-        table = table.take(np.sort(pick))
-    real = evaluate_real(scorer, table, device=device)
-    paths = write_real_report(real, table, out, cfg=cfg)
-    metrics = real.report.metrics(prefix="")
+def _scoring_parts(cfg: Config, given: dict[str, str] | None) -> dict[str, tuple[str, pa.Table]]:
+    """{'real' | 'mixed': (source name, scoring part)}: the files ``given``, else cut from the eval
+    tables; ``eval.real_max_wafers`` keeps a seeded random sample of each (files are often sorted by
+    label, so the first N would be one class)."""
+    parts: dict[str, tuple[str, pa.Table]] = {}
+    sources = given or {k: v for k, v in (("real", cfg.eval.real_data_path()), ("mixed", cfg.eval.mixed_data_path()))
+                        if v}
+    for name, path in sources.items():
+        table = validate_table(read_parquet(path), n_classes=cfg.n_classes).valid
+        if not given:
+            table = split_held_out(table).scoring
+        cap = cfg.eval.real_max_wafers
+        if cap and cap < table.num_rows:
+            table = table.take(np.sort(np.random.default_rng(0).choice(table.num_rows, cap, replace=False)))
+        parts[name] = (Path(path).name if given else f"{Path(path).name}, scoring part", table)
+    return parts
+
+
+def _evaluate_real_maps(cfg: Config, scorer: Scorer, out: Path, *, stage: str, device,
+                        held_out: dict[str, tuple[str, pa.Table]]) -> tuple[dict[str, str], RealMapsReport]:
+    """One model on the held-out scoring parts: WM-811K wafer verdicts, die purity and false alarms;
+    MixedWM38 multi-label ``patterns``; files named after the model in ``out``; the results.md section."""
+    out.mkdir(parents=True, exist_ok=True)
+    title = STAGE_TITLES.get(stage, stage)
+    metrics: dict[str, float] = {}
+    paths: dict[str, str] = {}
+    sections: list[str] = []
+    n_wafers = 0
+    if "real" in held_out:
+        source, table = held_out["real"]
+        real = evaluate_real(scorer, table, device=device)
+        labels = real.dataset_labels
+        dies = scorer.fail_die_counts(real.pred_maps, WaferSet.from_table(table).die, shaped=True)
+        purity = die_purity(dies, labels, class_names=scorer.class_names)
+        alarms = false_alarm_share(dies, labels, class_names=scorer.class_names)
+        metrics.update(real.report.metrics(prefix="wm811k_"))
+        metrics.update(die_metrics(purity, alarms, prefix="wm811k_"))
+        md = out / f"wm811k_{stage}.md"
+        md.write_text(real.report.markdown + "\n" + _die_markdown(purity, alarms))
+        real.report.table.to_csv(out / f"wm811k_{stage}.csv")
+        paths.update(wm811k_md=str(md), wm811k_csv=str(out / f"wm811k_{stage}.csv"))
+        truth = [map_dataset_label(x) for x in labels]
+        if (png := _misses_picture(cfg, table, truth, real.predicted, real.pred_maps,
+                                   out / f"wm811k_{stage}_misses.png")) is not None:
+            paths["wm811k_misses"] = png
+        sections.append(f"### WM-811K ({source}, {table.num_rows:,} wafers)\n\n{real.report.markdown}\n"
+                        + _die_markdown(purity, alarms))
+        n_wafers += table.num_rows
+    if "mixed" in held_out:
+        source, table = held_out["mixed"]
+        die = WaferSet.from_table(table).die
+        preds = scorer.shaped_maps(scorer.predict_maps(die, device=device), die, inplace=True)
+        verdicts = scorer.verdicts(preds, die, shaped=True)
+        labels = table.column("wafer_label").to_pylist()
+        pattern_names = scorer.class_names[1:]
+        scores = multilabel_scores(labels, verdicts.patterns, pattern_names=pattern_names)
+        metrics.update(multilabel_metrics(scores, prefix="mixed_"))
+        text = _multilabel_markdown(scores, source=source)
+        md = out / f"mixedwm38_{stage}.md"
+        md.write_text(text)
+        paths["mixedwm38_md"] = str(md)
+        truth = [dataset_patterns_string(x, pattern_names) for x in labels]
+        if (png := _misses_picture(cfg, table, truth, verdicts.patterns, preds,
+                                   out / f"mixedwm38_{stage}_misses.png")) is not None:
+            paths["mixedwm38_misses"] = png
+        sections.append(text)
+        n_wafers += table.num_rows
     verdict = scorer.verdict
     thresholds = (f"Verdict thresholds: {verdict.describe()} ("
                   + (f"calibrated on {verdict.calibrated_on}" if verdict.calibrated_on else "config") + ").")
-    log.info("%s %s: accuracy %.3f, macro-F1 %.3f on %d wafers", title, source, metrics.get("accuracy", float("nan")),
-             metrics.get("macro_f1", float("nan")), table.num_rows)
-    return paths, RealMapsReport(stage=stage, title=title, source=Path(source).name, n_wafers=table.num_rows,
-                                 thresholds=thresholds, markdown=real.report.markdown,
-                                 metrics=dict(metrics))
+    get_run_logger().info("real maps, %s: %s", title, ", ".join(
+        f"{k} {metrics[k]:.3f}" for k in ("wm811k_macro_f1", "wm811k_die_purity", "wm811k_false_alarm_share",
+                                          "mixed_macro_f1", "mixed_exact_match") if k in metrics))
+    sources = " + ".join(src for src, _ in held_out.values())
+    return paths, RealMapsReport(stage=stage, title=f"Held-out real wafer maps: {title}", source=sources,
+                                 n_wafers=n_wafers, thresholds=thresholds, markdown="\n".join(sections),
+                                 metrics={k: float(v) for k, v in metrics.items()})
+
+
+def _die_markdown(purity: dict, alarms: dict) -> str:
+    rows = "\n".join(f"| {label} | {s['purity']:.3f} | {s['pattern_dies']:,} | {s['wafers']:,} |"
+                     for label, s in purity["by_label"].items())
+    return (f"Real die purity (of the fail dies given a pattern on one-pattern wafers, the share carrying the "
+            f"wafer's own pattern): **{purity['purity']:.3f}** over {purity['pattern_dies']:,} dies of "
+            f"{purity['wafers']:,} wafers. False-alarm share (fail dies given a pattern on None/Random wafers): "
+            f"**{alarms['share']:.4f}** of {alarms['fail_dies']:,} dies; {alarms['wafers_with_pattern_dies']:.3f} "
+            f"of those {alarms['wafers']:,} wafers have a pattern die.\n\n"
+            f"| dataset label | die purity | pattern dies | wafers |\n| --- | ---: | ---: | ---: |\n{rows}\n")
+
+
+def _multilabel_markdown(scores: dict, *, source: str) -> str:
+    rows = "\n".join(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']:,} | "
+                     f"{s['predicted']:,} |" for name, s in scores["per_pattern"].items())
+    excluded = ", ".join(f"{k} {v}" for k, v in scores["excluded"].items()) or "none"
+    return (f"### MixedWM38 ({source}, {scores['n']:,} wafers scored; left out: {excluded})\n\n"
+            f"Multi-label verdict (`patterns`): exact-set match **{scores['exact_match']:.3f}**, macro-F1 "
+            f"**{scores['macro_f1']:.3f}**.\n\n| pattern | precision | recall | F1 | wafers with it | "
+            f"predicted |\n| --- | ---: | ---: | ---: | ---: | ---: |\n{rows}\n")
+
+
+def _misses_picture(cfg: Config, table: pa.Table, truth: list[str | None], predicted: list[str],
+                    pred_maps: list[np.ndarray], path: Path) -> str | None:
+    """Die map | prediction of the most frequent (truth, verdict) confusions, two wafers each."""
+    rows = [i for _, _, idx in miss_examples(truth, predicted, max_pairs=6, per_pair=2) for i in idx]
+    if not rows:
+        return None
+    wafers = WaferSet.from_table(table.take(rows))
+    titles = [f"{wafers.wafer_ids[j]}: {truth[i]} -> {predicted[i]}" for j, i in enumerate(rows)]
+    return str(render_wafers(wafers.die, path, classes=cfg.classes, predictions=[pred_maps[i] for i in rows],
+                             titles=titles, ncols=2))
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)

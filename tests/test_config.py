@@ -69,8 +69,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
 
 def test_finetune_auto_follows_the_presence_of_real_maps(tmp_path):
     real = tmp_path / "real.parquet"
-    auto = {"train.finetune.enabled": "auto"}
+    train = tmp_path / "train.parquet"
+    auto = {"train.finetune.enabled": "auto", "train.finetune.train_tables": [str(train)]}
     assert load_config("tiny", {**auto, "eval.real_data": None}).finetune_enabled is False
+    assert load_config("tiny", {**auto, "eval.real_data": str(real)}).finetune_enabled is False  # no train table
+    train.write_bytes(b"")
     assert load_config("tiny", {**auto, "eval.real_data": str(real)}).finetune_enabled is True
     assert load_config("tiny", {"train.finetune.enabled": True, "eval.real_data": None}).finetune_enabled is True
     assert load_config("tiny").finetune_enabled is False  # tiny leaves it off
@@ -98,6 +101,9 @@ def test_real_data_folder_setting_finds_the_real_maps(monkeypatch, tmp_path):
     assert load_config("tiny").eval.real_data_path() is None  # the folder, but not the file
     (folder / "wm811k-val.parquet").write_bytes(b"")
     assert load_config("tiny").eval.real_data_path() == str(folder / "wm811k-val.parquet")
+    assert load_config("tiny", {"train.finetune.enabled": "auto"}).finetune_enabled is False  # no -train tables
+    for name in ("wm811k-train.parquet", "mixedwm38-train.parquet"):
+        (folder / name).write_bytes(b"")
     assert load_config("tiny", {"train.finetune.enabled": "auto"}).finetune_enabled is True
     explicit = tmp_path / "other.parquet"
     assert load_config("tiny", {"eval.real_data": str(explicit)}).eval.real_data_path() == str(explicit)
@@ -182,3 +188,11 @@ def test_every_stage_has_its_config_section_and_the_final_stage_choices_follow_t
     assert all(cfg.train.stage(s) is getattr(cfg.train, s) for s in (*STAGES, FINETUNE))
     assert get_args(TrainConfig.model_fields["final_stage"].annotation) == STAGES[2:]
     assert stage_title("fcn8s") == "FCN-8s" and stage_title("other") == "other"
+
+
+def test_a_saved_config_with_a_retired_setting_still_loads():
+    saved = load_config("tiny").to_dict()
+    saved["train"]["finetune"]["holdout_fraction"] = 0.5  # what checkpoints before the real split carry
+    assert config_from_dict(saved) == load_config("tiny")
+    with pytest.raises(ValueError):
+        load_config("tiny", {"train.finetune.holdout_fraction": 0.5})  # not a setting any more

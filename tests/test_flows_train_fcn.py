@@ -232,65 +232,82 @@ def test_choose_stage_registers_the_fine_tuned_model_only_when_asked():
     assert choose_stage(res, prefer_finetune=True) == "finetune"
 
 
-def real_like_maps(path, n: int = 60):
-    """Synthetic wafers dressed as a real labelled set: WM-811K wafer labels, no die-level labels."""
+def real_like_maps(path, n: int = 60, seed: int = 11):
+    """Synthetic wafers dressed as a real labelled set: WM-811K / MixedWM38 wafer labels, no die-level labels."""
     names = {"none": "None", "ring": "Edge-Ring", "scratch": "Scratch", "local zone": "Loc", "circle": "Center"}
-    table = generate_wafers(n, seed=11, synth=load_config("tiny").data.synth)
-    labels = [names.get(x, "Near-full" if "+" in x else "None") for x in table.column("wafer_label").to_pylist()]
+    table = generate_wafers(n, seed=seed, synth=load_config("tiny").data.synth)
+    labels = ["+".join(names[p] for p in x.split("+")) for x in table.column("wafer_label").to_pylist()]
+    labels[0] = "Near-full"  # left out of every score
     table = table.set_column(table.schema.get_field_index("wafer_label"), "wafer_label", pa.array(labels))
     table = table.set_column(table.schema.get_field_index("label_map"), "label_map",
                              pa.nulls(n, pa.binary()))
+    table = table.set_column(table.schema.get_field_index("wafer_id"), "wafer_id",
+                             pa.array([f"{path.stem}-{i}" for i in range(n)]))
     write_parquet_atomic(table, path)
     return path
 
 
 def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out_part(prefect_harness, tmp_path):
-    real = real_like_maps(tmp_path / "real.parquet")
+    tables = {name: real_like_maps(tmp_path / f"{name}.parquet", seed=11 + i) for i, name in
+              enumerate(("wm811k-train", "mixedwm38-train", "wm811k-val", "mixedwm38-val"))}
     state = train_fcn(TrainParams(config="tiny", overrides={
-        **SMALL_LOTS, "home": str(tmp_path / "home"), "eval.real_data": str(real),
-        "train.finetune.enabled": True, "train.finetune.epochs": 1, "train.finetune.holdout_fraction": 0.4,
-        "train.finetune.candidate": True}),
+        **SMALL_LOTS, "home": str(tmp_path / "home"), "eval.real_data": str(tables["wm811k-val"]),
+        "eval.mixed_data": str(tables["mixedwm38-val"]),
+        "train.finetune.train_tables": [str(tables["wm811k-train"]), str(tables["mixedwm38-train"])],
+        "train.finetune.enabled": True, "train.finetune.epochs": 1, "train.finetune.candidate": True}),
         return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result.stage == "finetune" and "finetune" in result.scores
     last = list(result.scores)[-2]  # the cascade's last stage, scored beside the fine-tuned model
     assert set(result.real_by_stage) == {last, "finetune"}
-    held_out = int(result.real_by_stage["finetune"]["n_wafers"])
-    assert 0 < held_out < 60  # only the held-out part is scored (Near-full rows are left out as well)
-    run_data = tmp_path / "home" / "runs"
-    (holdout,) = run_data.glob("*/data/real_holdout.parquet")
-    (tuned,) = run_data.glob("*/data/finetune_train.parquet")
     from fcn_core.table import read_parquet
 
-    held_ids = set(read_parquet(holdout).column("wafer_id").to_pylist())
+    run_data = tmp_path / "home" / "runs"
+    (scoring,) = run_data.glob("*/data/wm811k-val_scoring.parquet")
+    (calibration,) = run_data.glob("*/data/wm811k-val_calibration.parquet")
+    (mixed_scoring,) = run_data.glob("*/data/mixedwm38-val_scoring.parquet")
+    scored = int(result.real_by_stage["finetune"]["wm811k_n_wafers"])
+    assert 0 < scored < read_parquet(scoring).num_rows + 1 < 60  # only the scoring part (Near-full left out)
+    assert int(result.real_by_stage["finetune"]["mixed_n_wafers"]) <= read_parquet(mixed_scoring).num_rows
+    for key in ("wm811k_macro_f1", "wm811k_die_purity", "wm811k_false_alarm_share", "mixed_macro_f1",
+                "mixed_exact_match"):
+        assert key in result.real_by_stage[last] and key in result.real_by_stage["finetune"]
+    (tuned,) = run_data.glob("*/data/finetune_train.parquet")
     tuned_ids = set(read_parquet(tuned).column("wafer_id").to_pylist())
-    assert held_ids and not held_ids & tuned_ids  # never trained on what is scored
-    assert any(i.startswith("syn-11-") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
-    # the registered model is served with the verdict thresholds calibrated on the fine-tune part
+    assert not {i for i in tuned_ids if i.startswith(("wm811k-val", "mixedwm38-val"))}  # never trained on
+    assert any(i.startswith("wm811k-train") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
+    cal_ids = set(read_parquet(calibration).column("wafer_id").to_pylist())
+    assert cal_ids and not cal_ids & set(read_parquet(scoring).column("wafer_id").to_pylist())
+    # the registered model is served with the verdict thresholds calibrated on the calibration part
     from fcn_core.scorer import load_scorer
     from tracking.registry import load_champion
 
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
     scorer, _, version = load_champion(cfg)
     assert version == result.registration.version
-    assert scorer.verdict.calibrated_on == "real_finetune.parquet" and not hasattr(scorer.model, "verdict")
+    assert scorer.verdict.calibrated_on == calibration.name and not hasattr(scorer.model, "verdict")
     # calibration wrote scorer bundles; the training checkpoints keep the config's rules
     (tuned_ckpt,) = run_data.glob("*/checkpoints/finetune/best.pt")
-    assert load_scorer(tuned_ckpt.with_name("scorer.pt")).verdict.calibrated_on == "real_finetune.parquet"
+    assert load_scorer(tuned_ckpt.with_name("scorer.pt")).verdict.calibrated_on == calibration.name
     assert not torch.load(tuned_ckpt, weights_only=True)["config"]["verdict"]["calibrated_on"]
     store = MlflowClient(tracking_uri=cfg.tracking_uri)
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
-                                     filter_string="tags.stage = 'finetune'")
+                                     filter_string="tags.stage = 'finetune'")  # run name: its title
     assert "calibration_macro_f1" in tuned_run.data.metrics
     assert not any(k.startswith("calibration") and k != "calibration_macro_f1" for k in tuned_run.data.metrics)
     assert {"calibration.scratch.min_dies", "calibration.ring.min_share"} <= set(tuned_run.data.params)
-    assert tuned_run.data.params["calibration.calibrated_on"] == "real_finetune.parquet"
+    assert tuned_run.data.params["calibration.calibrated_on"] == calibration.name
     parent = store.get_run(result.mlflow_run_id)
-    assert {"finetune_train", "real_holdout"} <= {
+    assert {"finetune_train", "real_calibration", "real_scoring", "mixed_scoring"} <= {
         next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in parent.inputs.dataset_inputs}
-    results_md = next(run_data.glob("*/evaluation/results.md")).read_text()
-    assert results_md.count("calibrated on real_finetune.parquet") == 2  # FCN-1s and the fine-tuned model
+    evaluation = next(run_data.glob("*/evaluation"))
+    results_md = (evaluation / "results.md").read_text()
+    assert results_md.count(f"calibrated on {calibration.name}") == 2  # FCN-1s and the fine-tuned model
+    assert "## Held-out real maps (scoring parts)" in results_md
+    for stage in (last, "finetune"):  # one folder per model, files named after it
+        assert (evaluation / "real" / stage / f"wm811k_{stage}.md").exists()
+        assert (evaluation / "real" / stage / f"mixedwm38_{stage}.md").exists()
 
 
 def test_fine_tuning_without_real_maps_fails_with_a_clear_message(prefect_harness, tmp_path):

@@ -29,3 +29,13 @@ def test_evaluation_reads_scores_and_real_metrics_by_stage():
     assert evaluation.markdown() == results_markdown("T\n", evaluation.real)
     # it survives the JSON round trip Prefect uses for task results and parameters
     assert Evaluation.model_validate_json(evaluation.model_dump_json()) == evaluation
+
+
+def test_results_markdown_summarises_the_headline_real_figures_per_stage():
+    a = real("fcn1s", "A").model_copy(update={"metrics": {"wm811k_macro_f1": 0.8214, "mixed_exact_match": 0.31}})
+    b = real("finetune", "B").model_copy(update={"metrics": {"wm811k_macro_f1": 0.85, "mixed_exact_match": None}})
+    text = results_markdown("T\n", [a, b])
+    assert text.startswith("T\n\n## Held-out real maps (scoring parts)\n\n"
+                           "| model | WM-811K macro-F1 | MixedWM38 exact-set match |\n| --- | ---: | ---: |\n"
+                           "| fcn1s | 0.821 | 0.310 |\n| finetune | 0.850 |  |\n")
+    assert text.endswith(a.section() + b.section())

@@ -45,14 +45,14 @@ def test_real_verdicts_scores_a_run_with_and_without_the_shape_rule(tmp_path, ca
 
     run = tmp_path / "run"
     script = _script("real_verdicts")
-    with pytest.raises(SystemExit, match="no real_holdout.parquet"):
+    with pytest.raises(SystemExit, match="no wm811k-val_scoring.parquet"):
         script.main([str(run)])
     cfg = load_config("tiny")
     model = build_fcn("fcn1s", n_classes=cfg.n_classes, preset=cfg.model.preset, geometry=cfg.model.geometry)
     save_checkpoint(run / "checkpoints" / "fcn1s" / "best.pt",
                     {"arch": dict(model.arch), "model": model_state(model), "config": cfg.to_dict()})
     as_dataset = {"none": "None", "scratch": "Scratch", "ring": "Edge-Ring", "local zone": "Loc", "circle": "Center"}
-    for part, seed in (("real_finetune", 1), ("real_holdout", 2)):
+    for part, seed in (("wm811k-val_calibration", 1), ("wm811k-val_scoring", 2)):
         table = generate_wafers(24, seed=seed, synth=cfg.data.synth)
         labels = [as_dataset.get(x) for x in table.column("wafer_label").to_pylist()]  # mixes: unlabelled
         column = table.schema.get_field_index("wafer_label")

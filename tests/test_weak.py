@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fcn_core.config import DEFAULT_CLASSES
+from fcn_core.padding import IGNORE_INDEX, train_targets
 from fcn_core.table import FAIL, NO_DIE, PASS, label_maps, make_table
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import UNLABELLED
-from fcn_core.weak import holdout_mask, weak_label_table
+from fcn_core.weak import IGNORE_LABEL, holdout_mask, pseudo_mask, pseudo_mask_table, weak_label_table
 
 CLASSES = [c.name for c in DEFAULT_CLASSES]  # background, ring, scratch, local zone, circle
 
@@ -82,3 +84,73 @@ def test_holdout_is_stable_keeps_lots_together_and_has_the_asked_share() -> None
 def test_holdout_fraction_must_be_a_proper_share(fraction: float) -> None:
     with pytest.raises(ValueError, match="strictly between"):
         holdout_mask(_table(["None"]), fraction=fraction)
+
+
+# -- pseudo-masks: weak labels that respect what the wafer label says -------------------------------
+def _probs(die: np.ndarray, best: np.ndarray, p: float) -> np.ndarray:
+    """(C, H, W) softmax with class ``best[y, x]`` at ``p`` and the rest spread evenly."""
+    probs = np.full((len(CLASSES), *die.shape), (1 - p) / (len(CLASSES) - 1), np.float32)
+    np.put_along_axis(probs, best[None].astype(np.int64), p, axis=0)
+    return probs
+
+
+def test_a_die_outside_the_labelled_patterns_is_never_taught_as_a_pattern() -> None:
+    die = _die(12)
+    for cls in range(len(CLASSES)):
+        best = np.full(die.shape, cls)
+        mask = pseudo_mask(die, _probs(die, best, 0.95), allowed={1}, min_prob=0.6)  # an Edge-Ring wafer
+        fail = mask[die == FAIL]
+        if cls == 1:
+            assert (fail == 1).all()  # the labelled pattern, confident: taught
+        elif cls == 0:
+            assert (fail == 0).all()  # confidently background: a random fail, taught background
+        else:
+            assert (fail == IGNORE_LABEL).all()  # another pattern: ignored, never taught
+        assert (mask[die != FAIL] == 0).all()
+
+
+def test_uncertain_dies_are_ignored_and_pass_through_as_the_loss_ignore_index() -> None:
+    die = _die(12)
+    best = np.ones(die.shape, np.int64)
+    mask = pseudo_mask(die, _probs(die, best, 0.5), allowed={1}, min_prob=0.6)
+    assert (mask[die == FAIL] == IGNORE_LABEL).all()
+    target = train_targets(die, mask)
+    assert (target[torch.from_numpy(die == FAIL)] == IGNORE_INDEX).all()
+
+
+def test_none_wafers_teach_background_and_mixes_allow_several_patterns() -> None:
+    die = _die(12)
+    best = np.where(np.arange(die.size).reshape(die.shape) % 2 == 0, 2, 3)  # scratch / local zone dies
+    none = pseudo_mask(die, _probs(die, best, 0.99), allowed=set(), min_prob=0.6)
+    assert (none[die == FAIL] == 0).all()
+    mixed = pseudo_mask(die, _probs(die, best, 0.99), allowed={2, 3}, min_prob=0.6)
+    assert set(np.unique(mixed[die == FAIL]).tolist()) == {2, 3}
+    only_scratch = pseudo_mask(die, _probs(die, best, 0.99), allowed={2}, min_prob=0.6)
+    assert set(np.unique(only_scratch[die == FAIL]).tolist()) == {2, IGNORE_LABEL}
+
+
+class _Constant(torch.nn.Module):
+    """A 'model' whose logits say class ``cls`` everywhere, strongly."""
+
+    def __init__(self, cls: int) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], len(CLASSES), *x.shape[2:])
+        logits[:, self.cls] = 10.0
+        return logits
+
+
+def test_pseudo_mask_table_keeps_mixes_and_masks_by_label() -> None:
+    t = _table(["Center+Scratch", "Edge-Ring", "None", "Near-full"])
+    weak, report = pseudo_mask_table(t, _Constant(2), class_names=CLASSES, min_prob=0.6)  # says scratch
+    assert weak.column("wafer_id").to_pylist() == ["w0", "w1", "w2"]
+    assert report.kept == {"scratch+circle": 1, "ring": 1, "none": 1}  # class-id order and report.dropped == {"Near-full": 1}
+    (mix, ring, none) = label_maps(weak)
+    assert (mix[_die(1) == FAIL] == 2).all()  # scratch is in Center+Scratch
+    assert (ring[_die(2) == FAIL] == IGNORE_LABEL).all()  # scratch is not in Edge-Ring
+    assert (none[_die(3) == FAIL] == 0).all()
+    assert report.dies == {"background": 3, "pattern": 1, "ignored": 2}
+    # the public contract still refuses 255 in a user's table
+    assert validate_table(weak, n_classes=len(CLASSES)).n_quarantined == 1
