@@ -255,6 +255,7 @@ def test_nightly_deployment_scores_each_valid_wafer_once(trained: TeamStack, tmp
     run_deployment("nightly-inference/nightly-inference", params, trained.env)  # the same night again
     assert scoring_task_runs(trained.api, since) == []
     assert sorted(predicted_ids(trained.home)) == sorted(predicted)
+    assert not (REPO_ROOT / "mlruns").exists(), "nightly artifacts leaked into the checkout"
 
 
 def test_two_nightly_runs_at_once_score_each_partition_once(trained: TeamStack, tmp_path: Path):

@@ -250,3 +250,17 @@ def test_git_commit_is_the_checkouts_head_marked_dirty_when_modified(tmp_path, m
     (tmp_path / "not-a-checkout").mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     assert provenance.git_commit() is None
+
+
+def test_a_project_experiment_on_a_database_store_keeps_artifacts_beside_the_training_ones(tmp_path, monkeypatch):
+    """Without an SQLite file (a database URI, no server) MLflow would put a new experiment's
+    artifacts in ./mlruns of the current folder; the project's other experiments (nightly) go
+    beside the training experiment's artifacts instead."""
+    cfg = make_cfg(tmp_path / "db-home", experiment="trained-here")
+    client = store.open_store(cfg)
+    main = client.get_experiment_by_name("trained-here")
+    monkeypatch.setattr(store, "artifact_root", lambda cfg: None)  # as for postgresql://...
+    monkeypatch.chdir(tmp_path)
+    nightly = client.get_experiment(store.experiment_id(client, cfg, name="trained-here-nightly"))
+    assert nightly.artifact_location == f"{main.artifact_location.rstrip('/')}/trained-here-nightly"
+    assert not (tmp_path / "mlruns").exists()

@@ -185,8 +185,15 @@ def experiment_id(store: RetryingClient, cfg: Config, *, name: str | None = None
         if exp.tags.get(EXPERIMENT_KIND_TAG) != kind:
             store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, kind)
         return exp.experiment_id
+    location = artifact_root(cfg)
+    if location is None and name != cfg.tracking.experiment:
+        # a database store without a server: MLflow would put artifacts in ./mlruns of whatever folder
+        # the process runs in; keep them beside the training experiment's (which a team creates first)
+        main = store.get_experiment_by_name(cfg.tracking.experiment)
+        if main is not None and main.artifact_location:
+            location = f"{main.artifact_location.rstrip('/')}/{name}"
     try:
-        return store.create_experiment(name, artifact_location=artifact_root(cfg), tags={EXPERIMENT_KIND_TAG: kind})
+        return store.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: kind})
     except MlflowException as exc:  # another process created it between our get and create
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
