@@ -3,26 +3,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from torch import nn
 
+from fakes import ConstantModel
 from fcn_core.inference.fastpath import fast_module
 from fcn_core.inference.packed import label_packed, pack_maps, packed_column, predict_maps, predict_packed
 from fcn_core.models import build_fcn
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps
-
-
-class ConstantModel(nn.Module):
-    """Predicts one class everywhere: makes the masking rules easy to check."""
-
-    def __init__(self, cls: int, n_classes: int = 5):
-        super().__init__()
-        self.cls, self.n_classes = cls, n_classes
-
-    def forward(self, x):
-        out = torch.zeros(x.shape[0], self.n_classes, *x.shape[-2:])
-        out[:, self.cls] = 1.0
-        return out
 
 
 @pytest.fixture(scope="module")

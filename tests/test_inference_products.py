@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from fakes import ConstantModel
 from fcn_core.config import load_config
 from fcn_core.inference.packed import packed_column, predict_maps
 from fcn_core.inference.products import pass_dies
@@ -12,19 +12,6 @@ from fcn_core.scorer import Scorer
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, PASS, die_maps
 from fcn_core.verdicts import dies_column
-
-
-class ConstantModel(nn.Module):
-    """Predicts one class everywhere: makes the masking rules easy to check."""
-
-    def __init__(self, cls: int, n_classes: int = 5):
-        super().__init__()
-        self.cls, self.n_classes = cls, n_classes
-
-    def forward(self, x):
-        out = torch.zeros(x.shape[0], self.n_classes, *x.shape[-2:])
-        out[:, self.cls] = 1.0
-        return out
 
 
 @pytest.fixture(scope="module")
