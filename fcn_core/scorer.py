@@ -33,7 +33,7 @@ from fcn_core.inference.fastpath import fast_module
 from fcn_core.verdicts import (
     WaferVerdicts,
     calibrate_verdict,
-    calibrate_verdict_multilabel,
+    calibrate_verdict_multilabel, calibrate_verdict_joint,
     count_fail_dies,
     shaped_maps,
     verdicts_from_counts,
@@ -168,6 +168,21 @@ class Scorer:
         verdict, f1 = fit(self.fail_die_counts(preds, die_maps, shaped=True), dataset_labels,
                           class_names=self.class_names, source=source,
                           min_elongation_by_class=self.verdict.min_elongation_by_class)
+        return self.with_verdict(verdict), f1
+
+    def calibrated_joint(self, single: tuple[Sequence[np.ndarray], Sequence[str | None]],
+                         mixed: tuple[Sequence[np.ndarray], Sequence[str | None]], *, source: str,
+                         **speed: Any) -> tuple[Scorer, float]:
+        """This scorer with thresholds fitted to one-pattern maps (``dominant_pattern``, WM-811K) and
+        mixed maps (``patterns``, MixedWM38) at once: (die maps, dataset labels) of each
+        (:func:`fcn_core.verdicts.calibrate_verdict_joint`); the objective is the mean macro-F1."""
+        counts = []
+        for die_maps, _ in (single, mixed):
+            preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True)
+            counts.append(self.fail_die_counts(preds, die_maps, shaped=True))
+        verdict, f1 = calibrate_verdict_joint((counts[0], single[1]), (counts[1], mixed[1]),
+                                              class_names=self.class_names, source=source,
+                                              min_elongation_by_class=self.verdict.min_elongation_by_class)
         return self.with_verdict(verdict), f1
 
     # -- bundles ------------------------------------------------------------------------------

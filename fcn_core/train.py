@@ -29,6 +29,7 @@ from fcn_core.models import build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
 from fcn_core.inference.runtime import autocast_for, resolve_device
 from fcn_core.stages import FINETUNE, STAGES
+from fcn_core.weak_loss import WeakSet, weak_map_loss
 
 __all__ = ["FINETUNE", "STAGES"]  # re-exported: flows, bench and launch import them from here
 
@@ -191,6 +192,22 @@ def _rank_batches(cfg: Config, wafers: WaferSet, batch_size: int, seed: int,
         yield idx, batch
 
 
+def joint_input(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Two one-hot batches (N, 3, H, W) stacked into one, each padded to the larger height and width
+    with 'no die' (channel 0), as collate pads; a model's scores on each map's own cells keep their
+    meaning, so crop each part back to its own (H, W)."""
+    H, W = max(x.shape[-2], other.shape[-2]), max(x.shape[-1], other.shape[-1])
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-2:] == (H, W):
+            return t
+        out = t.new_zeros((t.shape[0], t.shape[1], H, W))
+        out[:, 0] = 1.0
+        out[:, :, :t.shape[-2], :t.shape[-1]] = t
+        return out
+    return torch.cat([padded(x), padded(other)])
+
+
 class _Progress:
     """A rich progress bar on a terminal; one line per epoch in logs (Prefect, CI)."""
 
@@ -241,8 +258,13 @@ def train_stage(
     resume: bool = True,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    weak_set: WeakSet | None = None,
 ) -> StageResult:
     """Train one stage; checkpoints every epoch to ``out_dir/<stage>/{last,best}.pt``.
+
+    ``weak_set``: real maps with wafer-level labels, trained jointly (``weak_labels: wafer_labels``):
+    every step adds one batch of them under ``fcn_core.weak_loss.weak_map_loss``, weighted by
+    ``train.finetune.real_weight``, to the synthetic batch's die-level loss, in one forward pass.
 
     With ``resume`` an interrupted stage continues from ``last.pt`` (model, optimiser, schedule,
     RNG and history); the best epoch by validation mean IU on fail dies is kept in ``best.pt`` (for
@@ -302,17 +324,31 @@ def train_stage(
             batches = _epoch_batches(cfg, wafers, stage_cfg.batch_size, seed + epoch, info, device)
             bar.start_epoch(epoch, stage_cfg.epochs, _count_steps(cfg, wafers, stage_cfg.batch_size, info))
             t0, epoch_wafers, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            real_batches = None if weak_set is None else weak_set.endless_batches(
+                batch_size=stage_cfg.batch_size, seed=seed + epoch + 7919 * info.rank, multiple=cfg.data.pad_multiple,
+                fixed=cfg.data.pad_fixed, augment=cfg.train.augment)
             for idx, batch in batches:
                 target = batch.target
                 if not bool((target != IGNORE_INDEX).any()) and info.world_size == 1:
                     continue  # no fail dies in this batch: nothing to learn, and CE would be NaN
-                x = batch.x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x = batch.x.to(device, non_blocking=True)
                 target = target.to(device, non_blocking=True)
+                real = None if real_batches is None else next(real_batches)
+                if real is not None:  # one forward over both: maps padded to one shape (DDP wants one pass)
+                    x = joint_input(x, real[0].x.to(device, non_blocking=True))
                 with autocast_for(device):
-                    logits = net(x)
-                loss = loss_fn(logits.float(), target)
+                    logits = net(x.contiguous(memory_format=torch.channels_last))
+                n_synthetic, (h, w) = len(target), target.shape[-2:]
+                loss = loss_fn(logits[:n_synthetic, :, :h, :w].float(), target)
                 if info.world_size > 1:  # an all-ignored shard (NaN loss) must still join the step
                     loss = torch.where(torch.isfinite(loss), loss, logits.sum() * 0.0)
+                if real is not None:
+                    real_batch, allowed, present = real
+                    rh, rw = real_batch.die.shape[-2:]
+                    loss = loss + cfg.train.finetune.real_weight * weak_map_loss(
+                        logits[n_synthetic:, :, :rh, :rw], real_batch.die.to(device), allowed.to(device),
+                        present.to(device), top_k=cfg.train.finetune.presence_top_k,
+                        presence_weight=cfg.train.finetune.presence_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.train.grad_clip_norm is not None:

@@ -311,16 +311,7 @@ def calibrate_verdict(
     whole search. Calibrate on labelled maps the score will not be reported on (the fine-tune
     part, never the held-out one).
     """
-    labels = verdict_labels(class_names)
-    mapped = [map_dataset_label(x) for x in dataset_labels]
-    keep = [i for i, m in enumerate(mapped) if m is not None]  # as real_eval_report scores them
-    true, kept_dies = [mapped[i] for i in keep], np.asarray(dies)[keep]
-
-    def macro_f1(candidate: VerdictConfig) -> float:
-        verdicts = verdicts_from_counts(kept_dies, class_names=class_names, verdict=candidate)
-        return verdict_scores(true, verdicts.dominant_pattern, labels=labels)["macro_f1"]
-
-    return _coordinate_search(macro_f1, class_names=class_names, source=source, min_dies=min_dies,
+    return _coordinate_search(_single_label_objective(dies, dataset_labels, class_names), class_names=class_names, source=source, min_dies=min_dies,
                               min_share=min_share, per_class_sweeps=per_class_sweeps,
                               min_elongation_by_class=min_elongation_by_class)
 
@@ -344,8 +335,51 @@ def calibrate_verdict_multilabel(
     best pair per pattern on the grid; a second finds nothing more. Wafers whose label is excluded
     (Near-full, unlabelled) do not count.
     """
-    pattern_names = list(class_names[1:])
-    keep, truth, _ = _multilabel_truth(dataset_labels, pattern_names)
+    return _coordinate_search(_multilabel_objective(dies, dataset_labels, class_names), class_names=class_names, source=source, min_dies=min_dies,
+                              min_share=min_share, per_class_sweeps=per_class_sweeps,
+                              min_elongation_by_class=min_elongation_by_class)
+
+
+def calibrate_verdict_joint(
+    single: tuple[np.ndarray, Sequence[str | None]],
+    mixed: tuple[np.ndarray, Sequence[str | None]],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    min_dies: Sequence[int] = CALIBRATION_MIN_DIES,
+    min_share: Sequence[float] = CALIBRATION_MIN_SHARE,
+    per_class_sweeps: int = 2,
+    min_elongation_by_class: dict[str, float] | None = None,
+) -> tuple[VerdictConfig, float]:
+    """One set of thresholds for both verdicts: the mean of the single-label macro-F1 of
+    ``dominant_pattern`` on ``single`` (WM-811K: dies, labels) and the multi-label macro-F1 of
+    ``patterns`` on ``mixed`` (MixedWM38). One scorer serves both columns, so its thresholds are
+    fitted to both kinds of wafer at once rather than to one at the other's cost."""
+    first = _single_label_objective(*single, class_names)
+    second = _multilabel_objective(*mixed, class_names)
+    return _coordinate_search(lambda v: 0.5 * (first(v) + second(v)), class_names=class_names, source=source,
+                              min_dies=min_dies, min_share=min_share, per_class_sweeps=per_class_sweeps,
+                              min_elongation_by_class=min_elongation_by_class)
+
+
+def _single_label_objective(dies: np.ndarray, dataset_labels: Sequence[str | None],
+                            class_names: Sequence[str]) -> Callable[[VerdictConfig], float]:
+    """Thresholds -> macro-F1 of ``dominant_pattern`` against one-pattern dataset labels."""
+    labels = verdict_labels(class_names)
+    mapped = [map_dataset_label(x) for x in dataset_labels]
+    keep = [i for i, m in enumerate(mapped) if m is not None]  # as real_eval_report scores them
+    true, kept_dies = [mapped[i] for i in keep], np.asarray(dies)[keep]
+
+    def macro_f1(candidate: VerdictConfig) -> float:
+        verdicts = verdicts_from_counts(kept_dies, class_names=class_names, verdict=candidate)
+        return verdict_scores(true, verdicts.dominant_pattern, labels=labels)["macro_f1"]
+    return macro_f1
+
+
+def _multilabel_objective(dies: np.ndarray, dataset_labels: Sequence[str | None],
+                          class_names: Sequence[str]) -> Callable[[VerdictConfig], float]:
+    """Thresholds -> multi-label macro-F1 of the ``patterns`` presence against mixed dataset labels."""
+    keep, truth, _ = _multilabel_truth(dataset_labels, list(class_names[1:]))
     kept = np.asarray(dies, dtype=np.int64)[keep]
     patterns = kept[:, 1:]
     share = patterns / np.maximum(kept.sum(axis=1), 1)[:, None]
@@ -353,10 +387,7 @@ def calibrate_verdict_multilabel(
     def macro_f1(candidate: VerdictConfig) -> float:
         pred = _present(patterns, share, class_names=class_names, verdict=candidate)
         return float(_multilabel_counts(truth, pred)["f1"].mean())
-
-    return _coordinate_search(macro_f1, class_names=class_names, source=source, min_dies=min_dies,
-                              min_share=min_share, per_class_sweeps=per_class_sweeps,
-                              min_elongation_by_class=min_elongation_by_class)
+    return macro_f1
 
 
 def _coordinate_search(

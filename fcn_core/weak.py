@@ -1,7 +1,9 @@
 """Weak labels for real wafer maps, and the fine-tune / held-out split they need.
 
-Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks. Two ways to turn it
-into die targets (``train.finetune.weak_labels``):
+Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks. The default,
+``train.finetune.weak_labels: wafer_labels`` (:func:`wafer_label_table` + ``fcn_core.weak_loss``),
+never invents die targets: it trains a wafer-level loss jointly with the synthetic die loss. Two
+older ways turn the label into die targets:
 
 - ``all_fail_dies`` (:func:`weak_label_table`): every fail die of a single-label wafer gets that
   label's class (``Edge-Ring`` -> ring, ...), every fail die of a ``None``/``Random`` wafer
@@ -200,6 +202,42 @@ def pseudo_mask_table(
     report.dies = dict(taught)
     column = kept.schema.get_field_index("label_map")
     kept = kept.set_column(column, kept.schema.field(column), pa.array([m.tobytes() for m in masks], pa.binary()))
+    return kept, report
+
+
+def wafer_label_table(
+    table: pa.Table,
+    *,
+    class_names: Sequence[str],
+    max_per_class: int | None = None,
+    max_map_side: int | None = None,
+    seed: int = 0,
+) -> tuple[pa.Table, WeakLabelReport]:
+    """Rows for ``weak_labels=wafer_labels`` (``fcn_core.weak_loss``): a usable dataset label (mixes
+    included; unlabelled and Near-full dropped) and at most ``max_map_side`` dies a side; at most
+    ``max_per_class`` wafers per label pattern set (seeded sample). ``label_map`` stays null: the
+    loss reads the wafer label, never a die label."""
+    if "wafer_label" not in table.column_names:
+        raise ValueError("wafer-level training needs a wafer_label column (the dataset's wafer-level label)")
+    allowed = label_patterns(table, class_names)
+    labels = table.column("wafer_label").to_pylist()
+    side = np.maximum(np.asarray(table.column("height")), np.asarray(table.column("width")))
+    report = WeakLabelReport()
+    report.dropped = dict(Counter(str(labels[i]) if labels[i] else UNLABELLED
+                                  for i, a in enumerate(allowed) if a is None))
+    too_big = int(sum(a is not None for a in allowed) - sum(a is not None and (max_map_side is None or s <= max_map_side)
+                                                             for a, s in zip(allowed, side)))
+    if too_big:
+        report.dropped[f"over {max_map_side} dies a side"] = too_big
+    by_set: dict[str, list[int]] = {}
+    for i, a in enumerate(allowed):
+        if a is not None and (max_map_side is None or side[i] <= max_map_side):
+            key = PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE
+            by_set.setdefault(key, []).append(i)
+    keep = _capped(by_set, max_per_class, seed, report)
+    kept = table.take(pa.array(keep, pa.int64()))
+    column = kept.schema.get_field_index("label_map")
+    kept = kept.set_column(column, kept.schema.field(column), pa.nulls(kept.num_rows, pa.binary()))
     return kept, report
 
 

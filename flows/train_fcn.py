@@ -145,13 +145,16 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
             if stage == FINETUNE and cfg.train.finetune.weak_labels == "pseudo_masks":  # from the model before it
                 pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["real_train"],
                                   synthetic_path=paths["train"], dest=paths["finetune_train"])
-            train_path = paths["finetune_train"] if stage == FINETUNE else paths["train"]
+            joint = stage == FINETUNE and "weak_train" in paths  # real maps beside synthetic, wafer-level loss
+            train_path = paths["finetune_train"] if stage == FINETUNE and not joint else paths["train"]
             outcome = train_stage_task(
                 cfg=cfg, stage=stage, train_path=train_path, val_path=paths["val"],
-                out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run)
+                out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run,
+                weak_path=paths["weak_train"] if joint else None)
             best = outcome.best_checkpoint  # the next stage starts from it, never from a calibrated copy
             scorer = (  # what is evaluated and registered: the model and its verdict rules
-                calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_calibration"], stage_run_id=stage_run)
+                calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_calibration"], stage_run_id=stage_run,
+                               mixed_path=paths.get("mixed_calibration"))
                 if stage in calibrated else scorer_task(cfg=cfg, checkpoint=best))
             results[stage] = outcome.model_copy(update={"scorer": scorer})
             status = "FINISHED"
@@ -212,6 +215,9 @@ def _train_in(folder: recovery.RunFolder, cfg: Config, params: TrainParams, *, c
         paths["finetune_train"] = real["paths"]["train"]  # weak real maps (+ synthetic train)
         paths["real_train"] = real["paths"]["real_train"]  # the real maps trained on, as read
         paths["real_calibration"] = real["paths"]["real_calibration"]  # verdict thresholds, never trained on
+        for key in ("weak_train", "mixed_calibration"):  # wafer_labels training; thresholds for `patterns` too
+            if key in real["paths"]:
+                paths[key] = real["paths"][key]
         real_scoring = {k: real["paths"][f"{k}_scoring"] for k in ("real", "mixed") if f"{k}_scoring" in real["paths"]}
 
     inputs = [p for p in [*paths.values(), *(real_scoring or {}).values()] if Path(p).exists()]  # pseudo-masks: later

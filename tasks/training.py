@@ -34,7 +34,8 @@ from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import (dataset_patterns_string, die_metrics, die_purity, false_alarm_share, map_dataset_label,
                                miss_examples, multilabel_metrics, multilabel_scores)
-from fcn_core.weak import pseudo_mask_table, weak_label_table
+from fcn_core.weak import pseudo_mask_table, wafer_label_table, weak_label_table
+from fcn_core.weak_loss import WeakSet
 from tracking import runs
 from tracking import scores as tracking_scores
 from tracking.registry import RegistrationResult, register_model
@@ -59,12 +60,14 @@ def _finite(value: float) -> float | None:
 
 @task(name="train-stage", task_run_name="train-{stage}", cache_policy=NO_CACHE)
 def train_stage_task(*, cfg: Config, stage: str, train_path: str, val_path: str, out_dir: str,
-                     init_checkpoint: str | None, stage_run_id: str) -> StageOutcome:
-    """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``."""
+                     init_checkpoint: str | None, stage_run_id: str, weak_path: str | None = None) -> StageOutcome:
+    """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``;
+    with ``weak_path`` (real maps with wafer labels) jointly with them (``weak_labels: wafer_labels``)."""
     client = _store(cfg)
+    weak_set = None if weak_path is None else WeakSet.from_table(read_parquet(weak_path), cfg.class_names)
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
                          out_dir=out_dir, init_checkpoint=init_checkpoint, resume=True,
-                         on_epoch=runs.epoch_logger(client, stage_run_id), progress=True)
+                         on_epoch=runs.epoch_logger(client, stage_run_id), progress=True, weak_set=weak_set)
     for key, value in (("best_val_fail_mean_iu", result.best_val_mean_iu), ("best_epoch", result.best_epoch),
                        ("train_seconds", result.seconds), ("train_wafers_per_s", result.wafers_per_s)):
         if (v := _finite(value)) is not None:
@@ -82,7 +85,8 @@ def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
     tables (``eval.real_data``: wm811k-val; ``eval.mixed_data``: mixedwm38-val) are never trained on:
     ``fcn_core.real_split.split_held_out`` cuts each into a calibration part (verdict thresholds) and a
     scoring part (reported figures). Returns paths (``train``: the fine-tune file, written here for
-    ``all_fail_dies`` and by :func:`pseudo_label_task` for ``pseudo_masks``; ``real_train``: the real
+    ``all_fail_dies`` and by :func:`pseudo_label_task` for ``pseudo_masks``; ``weak_train``: for
+    ``wafer_labels``, the real maps trained on beside the synthetic split; ``real_train``: the real
     training maps as read; ``real_calibration``/``real_scoring``; ``mixed_calibration``/``mixed_scoring``
     when the mixed table is there) and counts.
     """
@@ -118,6 +122,14 @@ def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
             counts[f"{name}_{part}"] = getattr(split, part).num_rows
     counts.update(real_train=real_train.num_rows, real_quarantined=quarantined)
     log = get_run_logger()
+    if ft.weak_labels == "wafer_labels":
+        paths["weak_train"] = str(out / "weak_train.parquet")
+        weak, report = wafer_label_table(real_train, class_names=cfg.class_names, max_per_class=ft.max_per_class,
+                                         max_map_side=ft.max_map_side, seed=cfg.train.seed)
+        write_parquet_atomic(weak, paths["weak_train"])
+        counts["weak"] = weak.num_rows
+        log.info("joint training set: %d real maps with wafer labels %s (dropped %s), beside the synthetic train "
+                 "split", weak.num_rows, report.kept, report.dropped or "none")
     if ft.weak_labels == "all_fail_dies":
         weak, report = weak_label_table(real_train, class_names=cfg.class_names, max_per_class=ft.max_per_class,
                                         seed=cfg.train.seed)
@@ -168,21 +180,31 @@ def scorer_task(*, cfg: Config, checkpoint: str) -> str:
 
 
 @task(name="calibrate-verdicts", cache_policy=NO_CACHE)
-def calibrate_task(*, cfg: Config, checkpoint: str, real_path: str, stage_run_id: str) -> str:
+def calibrate_task(*, cfg: Config, checkpoint: str, real_path: str, stage_run_id: str,
+                   mixed_path: str | None = None) -> str:
     """Choose a model's verdict thresholds (min_dies, min_share, shared then per pattern) for the best
-    wafer-level macro-F1 on ``real_path``, the calibration part of wm811k-val (never its scoring part,
-    never a training map); returns the path of a scorer bundle with them, beside the checkpoint
-    (which is left as it is)."""
+    wafer-level macro-F1 on ``real_path``, the calibration part of wm811k-val, and with ``mixed_path``
+    (the calibration part of mixedwm38-val) at once for the best multi-label macro-F1 of ``patterns``
+    there (the mean of both); never on a scoring part or a training map. Returns the path of a scorer
+    bundle with them, beside the checkpoint (which is left as it is)."""
     device = resolve_device(cfg.train.device)
     real = read_parquet(real_path)
-    scorer, f1 = scorer_from_checkpoint(checkpoint, device=device).calibrated(
-        WaferSet.from_table(real).die, real.column("wafer_label").to_pylist(), source=Path(real_path).name,
-        device=device)
+    base = scorer_from_checkpoint(checkpoint, device=device)
+    single = (WaferSet.from_table(real).die, real.column("wafer_label").to_pylist())
+    n_maps = real.num_rows
+    if mixed_path is None:
+        scorer, f1 = base.calibrated(*single, source=Path(real_path).name, device=device)
+    else:
+        mixed = read_parquet(mixed_path)
+        scorer, f1 = base.calibrated_joint(single, (WaferSet.from_table(mixed).die,
+                                                    mixed.column("wafer_label").to_pylist()),
+                                           source=f"{Path(real_path).name} + {Path(mixed_path).name}", device=device)
+        n_maps = real.num_rows + mixed.num_rows
     dest = save_scorer(scorer, Path(checkpoint).with_name(SCORER_FILE))
     verdict = scorer.verdict
     tracking_scores.log_calibration(_store(cfg), stage_run_id, verdict, f1, cfg.class_names)
-    get_run_logger().info("verdict thresholds calibrated on %d real maps: %s (macro-F1 %.3f there; scores are "
-                          "reported on the held-out maps only)", real.num_rows, verdict.describe(), f1)
+    get_run_logger().info("verdict thresholds calibrated on %d real maps: %s (mean macro-F1 %.3f there; scores are "
+                          "reported on the held-out maps only)", n_maps, verdict.describe(), f1)
     return str(dest)
 
 

@@ -101,9 +101,11 @@ def _ids(path) -> set[str]:
     return set(read_parquet(path).column("wafer_id").to_pylist())
 
 
-def test_real_split_parts_are_disjoint_and_no_held_out_map_is_trained_on(prefect_harness, tmp_path):
+@pytest.mark.parametrize("weak_labels, trained_file", [("wafer_labels", "weak_train"), ("all_fail_dies", "train")])
+def test_real_split_parts_are_disjoint_and_no_held_out_map_is_trained_on(prefect_harness, tmp_path, weak_labels,
+                                                                          trained_file):
     folder = _real_tables(tmp_path / "real", load_config("tiny"))
-    cfg = _real_cfg(tmp_path, folder)
+    cfg = _real_cfg(tmp_path, folder, **{"train.finetune.weak_labels": weak_labels})
     synthetic = _real_like(tmp_path / "train.parquet", cfg, n=10)
     real = prepare_real_task(cfg=cfg, train_path=str(synthetic), out_dir=str(tmp_path / "data"))
     paths = real["paths"]
@@ -111,7 +113,7 @@ def test_real_split_parts_are_disjoint_and_no_held_out_map_is_trained_on(prefect
         cal, score = _ids(paths[f"{name}_calibration"]), _ids(paths[f"{name}_scoring"])
         assert cal and score and not cal & score  # disjoint, both used
         assert cal | score == _ids(folder / f"{table}.parquet")  # together: the whole held-out table
-    tuned = _ids(paths["train"])
+    tuned = _ids(paths[trained_file])
     assert not any(i.startswith(("wm811k-val", "mixedwm38-val")) for i in tuned)  # never trained on
     assert any(i.startswith("wm811k-train") for i in tuned) and any(i.startswith("mixedwm38-train") for i in tuned)
     assert _ids(paths["real_train"]) == _ids(folder / "wm811k-train.parquet") | _ids(folder / "mixedwm38-train.parquet")
