@@ -185,31 +185,36 @@ def test_joint_input_pads_both_batches_with_no_die_and_keeps_their_content_top_l
     assert torch.equal(joint_input(small, tall)[:2, :, :8, :8], small)
 
 
-def _weak_set(cfg):
+def _weak_set(cfg, *, fails: bool = True):
+    """Seven real-like maps with dataset labels (mixes too); ``fails=False``: the same maps, sizes and
+    labels with every fail die made a pass die, so the weak loss is zero and teaches nothing."""
     from fcn_core.table import FAIL, PASS, die_maps, make_table
     from fcn_core.weak_loss import WeakSet
 
     maps = die_maps(generate_wafers(6, seed=9, synth=cfg.data.synth))
     big = np.full((50, 50), PASS, np.uint8)  # a real map larger than every synthetic one: pads them
     big[np.random.default_rng(1).random(big.shape) < 0.2] = FAIL
+    maps = [m if fails else np.where(m == FAIL, PASS, m).astype(np.uint8) for m in [*maps, big]]
     labels = ["Edge-Ring", "None", "Center+Scratch", "Scratch", "Random", "Loc", "Donut+Edge-Ring"]
-    table = make_table(wafer_ids=[f"r{i}" for i in range(7)], die_maps=[*maps, big], wafer_labels=labels)
+    table = make_table(wafer_ids=[f"r{i}" for i in range(7)], die_maps=maps, wafer_labels=labels)
     return WeakSet.from_table(table, cfg.class_names)
 
 
 def test_training_with_a_weak_set_runs_and_learns_from_it(sets, tmp_path):
     cfg = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
                                "train.fcn32s.batch_size": 4})
-    weak = _weak_set(cfg)
 
-    def weights(name, **kw):
+    def weights(name, weak):
         result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
-                             progress=False, **kw)
+                             progress=False, weak_set=weak)
         return result, load_checkpoint(result.last_checkpoint)["model"]
 
-    joint, with_weak = weights("joint", weak_set=weak)
+    joint, with_weak = weights("joint", _weak_set(cfg))
     assert len(joint.history) == 1 and math.isfinite(joint.history[0]["train_loss"])
-    _, plain = weights("plain")
-    _, plain_again = weights("plain-again")
-    assert all(torch.equal(plain[k], plain_again[k]) for k in plain)  # same seed, same run: the control
-    assert any(not torch.equal(with_weak[k], plain[k]) for k in plain)  # so the real maps made the difference
+    # the control runs the very same steps (same real maps, shapes and padding in every forward) but
+    # its real maps have no fail die, so their loss is a zero: any difference is the weak loss's doing
+    blank = _weak_set(cfg, fails=False)
+    _, control = weights("control", blank)
+    _, control_again = weights("control-again", blank)
+    assert all(torch.equal(control[k], control_again[k]) for k in control)  # same seed, same run
+    assert any(not torch.equal(with_weak[k], control[k]) for k in control)  # so the real maps taught it
