@@ -195,8 +195,8 @@ def test_wafer_label_table_drops_maps_over_the_side_limit_and_counts_them() -> N
     everything, open_report = wafer_label_table(_sized_table(labels, sides), class_names=CLASSES)
     assert everything.num_rows == 4 and not any(k.startswith("over") for k in open_report.dropped)
     # a map only wider than the limit counts too
-    wide = make_table(wafer_ids=["a", "b"], die_maps=[np.full((4, 10), FAIL, np.uint8), np.full((8, 4), FAIL, np.uint8)],
-                      wafer_labels=["Scratch", "Scratch"])
+    wide = make_table(wafer_ids=["a", "b"], wafer_labels=["Scratch", "Scratch"],
+                      die_maps=[np.full((4, 10), FAIL, np.uint8), np.full((8, 4), FAIL, np.uint8)])
     kept, report = wafer_label_table(wide, class_names=CLASSES, max_map_side=8)
     assert kept.column("wafer_id").to_pylist() == ["b"] and report.dropped == {"over 8 dies a side": 1}
 
