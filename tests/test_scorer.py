@@ -129,3 +129,27 @@ def test_scorer_from_checkpoint_uses_its_config_or_the_given_rules(cfg, tmp_path
     assert scorer_from_checkpoint(ckpt, verdict=rules).verdict == rules
     for a, b in zip(scorer.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_calibrated_joint_fits_one_set_of_thresholds_to_both_kinds_of_wafer(cfg, table):
+    from fcn_core.verdicts import multilabel_scores, real_eval_report, verdict_labels
+
+    rules = cfg.verdict.model_copy(update={"min_elongation_by_class": {"scratch": 4.0}})
+    scorer = Scorer(_model(cfg), rules, cfg)
+    maps = die_maps(table)
+    names = {"none": "None", "ring": "Edge-Ring", "scratch": "Scratch", "local zone": "Loc", "circle": "Center"}
+    synthetic = table.column("wafer_label").to_pylist()  # 'ring+circle' on mixed synthetic wafers
+    dataset = ["+".join(names[p] for p in x.split("+")) for x in synthetic]
+    mixed = (maps[:15], dataset[:15])  # holds 'Edge-Ring+Center' and 'Scratch+Center'
+    single = (maps[15:], dataset[15:])  # one pattern each
+    assert any("+" in x for x in mixed[1]) and not any("+" in x for x in single[1])
+    calibrated, f1 = scorer.calibrated_joint(single, mixed, source="wm811k+mixed", bf16=False)
+    assert calibrated.verdict.calibrated_on == "wm811k+mixed" and 0.0 <= f1 <= 1.0
+    assert calibrated.verdict.min_elongation_by_class == {"scratch": 4.0}
+    assert calibrated.model is scorer.model and scorer.verdict == rules  # a new scorer; this one unchanged
+    # the score it reports is the mean of both macro-F1s of the calibrated scorer's own verdicts
+    single_v = calibrated.verdicts(calibrated.predict_maps(single[0], bf16=False), single[0])
+    mixed_v = calibrated.verdicts(calibrated.predict_maps(mixed[0], bf16=False), mixed[0])
+    first = real_eval_report(single[1], single_v.dominant_pattern, labels=verdict_labels(cfg.class_names))
+    second = multilabel_scores(mixed[1], mixed_v.patterns, pattern_names=cfg.class_names[1:])
+    assert f1 == pytest.approx(0.5 * (first.scores["macro_f1"] + second["macro_f1"]), rel=1e-12)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,58 @@ def test_weight_decay_groups_without_batch_norm_are_the_biases():
     undecayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert undecayed == {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
     assert sorted(g["weight_decay"] for g in groups) == [0.0, cfg.train.weight_decay]
+
+
+# -- joint training on real maps with wafer-level labels (weak_labels: wafer_labels) ------------------
+def test_joint_input_pads_both_batches_with_no_die_and_keeps_their_content_top_left():
+    from fcn_core.padding import collate
+    from fcn_core.train import joint_input
+
+    rng = np.random.default_rng(0)
+    small = collate([rng.integers(0, 3, (5, 7)).astype(np.uint8)] * 2, None, multiple=8).x  # (2, 3, 8, 8)
+    tall = collate([rng.integers(0, 3, (20, 6)).astype(np.uint8)], None, multiple=8).x  # (1, 3, 24, 8)
+    wide = collate([rng.integers(0, 3, (6, 30)).astype(np.uint8)] * 3, None, multiple=8).x  # (3, 3, 8, 32)
+    both = joint_input(tall, wide)
+    assert both.shape == (4, 3, 24, 32) and both.dtype == tall.dtype
+    assert torch.equal(both[:1, :, :24, :8], tall) and torch.equal(both[1:, :, :8, :32], wide)
+    # padding is 'no die' (channel 0 hot), right of the tall maps and below the wide ones
+    assert (both[:1, 0, :, 8:] == 1).all() and (both[:1, 1:, :, 8:] == 0).all()
+    assert (both[1:, 0, 8:, :] == 1).all() and (both[1:, 1:, 8:, :] == 0).all()
+    assert torch.equal(both.sum(1), torch.ones(4, 24, 32))  # still one-hot everywhere
+    assert torch.equal(joint_input(small, small), torch.cat([small, small]))  # same shape: just stacked
+    assert torch.equal(joint_input(small, tall)[:2, :, :8, :8], small)
+
+
+def _weak_set(cfg, *, fails: bool = True):
+    """Seven real-like maps with dataset labels (mixes too); ``fails=False``: the same maps, sizes and
+    labels with every fail die made a pass die, so the weak loss is zero and teaches nothing."""
+    from fcn_core.table import FAIL, PASS, die_maps, make_table
+    from fcn_core.weak_loss import WeakSet
+
+    maps = die_maps(generate_wafers(6, seed=9, synth=cfg.data.synth))
+    big = np.full((50, 50), PASS, np.uint8)  # a real map larger than every synthetic one: pads them
+    big[np.random.default_rng(1).random(big.shape) < 0.2] = FAIL
+    maps = [m if fails else np.where(m == FAIL, PASS, m).astype(np.uint8) for m in [*maps, big]]
+    labels = ["Edge-Ring", "None", "Center+Scratch", "Scratch", "Random", "Loc", "Donut+Edge-Ring"]
+    table = make_table(wafer_ids=[f"r{i}" for i in range(7)], die_maps=maps, wafer_labels=labels)
+    return WeakSet.from_table(table, cfg.class_names)
+
+
+def test_training_with_a_weak_set_runs_and_learns_from_it(sets, tmp_path):
+    cfg = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
+                               "train.fcn32s.batch_size": 4})
+
+    def weights(name, weak):
+        result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
+                             progress=False, weak_set=weak)
+        return result, load_checkpoint(result.last_checkpoint)["model"]
+
+    joint, with_weak = weights("joint", _weak_set(cfg))
+    assert len(joint.history) == 1 and math.isfinite(joint.history[0]["train_loss"])
+    # the control runs the very same steps (same real maps, shapes and padding in every forward) but
+    # its real maps have no fail die, so their loss is a zero: any difference is the weak loss's doing
+    blank = _weak_set(cfg, fails=False)
+    _, control = weights("control", blank)
+    _, control_again = weights("control-again", blank)
+    assert all(torch.equal(control[k], control_again[k]) for k in control)  # same seed, same run
+    assert any(not torch.equal(with_weak[k], control[k]) for k in control)  # so the real maps taught it

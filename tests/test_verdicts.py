@@ -12,6 +12,7 @@ from fcn_core.verdicts import (
     LABEL_MAP,
     UNLABELLED,
     calibrate_verdict,
+    calibrate_verdict_joint,
     calibrate_verdict_multilabel,
     count_fail_dies,
     die_metrics,
@@ -473,3 +474,53 @@ def test_dataset_labels_as_patterns_strings() -> None:
         "none", "none", None, None]
     assert miss_examples([dataset_patterns_string("Center+Loc", names)], ["circle"]) == [
         ("local zone+circle", "circle", [0])]
+
+
+# -- joint calibration: one set of thresholds for WM-811K-like and MixedWM38-like wafers -------------
+def _joint_objective(verdict: VerdictConfig, single: tuple, mixed: tuple) -> float:
+    """The mean of the single-label macro-F1 of dominant_pattern and the multi-label macro-F1 of patterns,
+    recomputed from the public scores."""
+    single_v = verdicts_from_counts(single[0], class_names=CLASSES, verdict=verdict)
+    mixed_v = verdicts_from_counts(mixed[0], class_names=CLASSES, verdict=verdict)
+    first = real_eval_report(single[1], single_v.dominant_pattern, labels=LABELS).scores["macro_f1"]
+    second = multilabel_scores(mixed[1], mixed_v.patterns, pattern_names=CLASSES[1:])["macro_f1"]
+    return 0.5 * (first + second)
+
+
+def test_joint_calibration_compromises_between_the_two_optima() -> None:
+    # WM-811K-like: scratches show only 3 to 5 scratch dies, so the single-label optimum keeps 3
+    single = (counts(*[[30, 4, 0, 0, 0]] * 3, [30, 0, 3, 0, 0], *[[30, 0, 5, 0, 0]] * 3, *[[30, 0, 0, 0, 0]] * 3),
+              ["Edge-Ring"] * 3 + ["Scratch"] * 4 + ["None"] * 3)
+    # MixedWM38-like: 'None' wafers carry 4 or 6 stray scratch dies, true mixes 20: the optimum is 8
+    mixed = (counts(*[[30, 0, 4, 0, 0]] * 3, [30, 0, 6, 0, 0], *[[30, 4, 20, 0, 0]] * 3, *[[30, 4, 0, 0, 0]] * 2),
+             ["None"] * 4 + ["Edge-Ring+Scratch"] * 3 + ["Edge-Ring"] * 2)
+    grid = dict(class_names=CLASSES, min_dies=(3, 5, 8), min_share=(0.02,))
+    alone, _ = calibrate_verdict(*single, source="s", **grid)
+    multi, _ = calibrate_verdict_multilabel(*mixed, source="s", **grid)
+    joint, f1 = calibrate_verdict_joint(single, mixed, source="both", min_elongation_by_class={"scratch": 4.0},
+                                        **grid)
+    scratch = lambda v: v.thresholds(CLASSES[1:])[0][1]  # noqa: E731
+    assert (scratch(alone), scratch(multi), scratch(joint)) == (3, 8, 5)
+    assert joint.thresholds(CLASSES[1:])[0][0] == 3  # rings keep their 4 dies everywhere
+    # by hand: at 5 the single-label F1 is (none 6/7 + ring 1 + scratch 6/7) / 5 = 19/35 and the mixed one
+    # (ring 1 + scratch 6/7) / 4 = 13/28; at 3 they are 3/5 and 2/5, at 8 they are 8/25 and 1/2
+    assert f1 == pytest.approx(0.5 * (19 / 35 + 13 / 28), rel=1e-12)
+    assert f1 == pytest.approx(_joint_objective(joint, single, mixed), rel=1e-12)
+    assert f1 > _joint_objective(alone, single, mixed) and f1 > _joint_objective(multi, single, mixed)
+    assert joint.calibrated_on == "both" and joint.min_elongation_by_class == {"scratch": 4.0}
+
+
+def test_joint_calibration_score_is_the_mean_of_both_scores_at_its_thresholds() -> None:
+    rng = np.random.default_rng(8)
+    single = (rng.integers(0, 25, size=(80, len(CLASSES))),
+              rng.choice(["None", "Edge-Ring", "Scratch", "Loc", "Center", "Near-full", "Center+Loc"], 80).tolist())
+    mixed = (rng.integers(0, 25, size=(60, len(CLASSES))),
+             rng.choice(["None", "Edge-Ring+Scratch", "Center+Loc+Scratch", "Donut", "Near-full", "Random"],
+                        60).tolist())
+    joint, f1 = calibrate_verdict_joint(single, mixed, class_names=CLASSES, source="s")
+    assert 0.0 < f1 <= 1.0
+    assert f1 == pytest.approx(_joint_objective(joint, single, mixed), rel=1e-12)
+    # the search starts from the best shared pair, so it ends at least as well as any shared pair does
+    for md in (3, 8, 20):
+        shared = VerdictConfig(min_dies=md, min_share=0.05)
+        assert f1 >= _joint_objective(shared, single, mixed) - 1e-12

@@ -11,7 +11,8 @@ from fcn_core.padding import IGNORE_INDEX, train_targets
 from fcn_core.table import FAIL, NO_DIE, PASS, label_maps, make_table
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import UNLABELLED
-from fcn_core.weak import IGNORE_LABEL, holdout_mask, pseudo_mask, pseudo_mask_table, weak_label_table
+from fcn_core.weak import (IGNORE_LABEL, holdout_mask, pseudo_mask, pseudo_mask_table, wafer_label_table,
+                            weak_label_table)
 
 CLASSES = [c.name for c in DEFAULT_CLASSES]  # background, ring, scratch, local zone, circle
 
@@ -154,3 +155,71 @@ def test_pseudo_mask_table_keeps_mixes_and_masks_by_label() -> None:
     assert report.dies == {"background": 3, "pattern": 1, "ignored": 2}
     # the public contract still refuses 255 in a user's table
     assert validate_table(weak, n_classes=len(CLASSES)).n_quarantined == 1
+
+
+# -- wafer_label_table: rows for the wafer-level loss (weak_labels: wafer_labels) --------------------
+def _sized_table(labels: list[str | None], sides: list[int]):
+    """Wafer i: a sides[i] x sides[i] map with i + 1 fail dies, its dataset label labels[i]."""
+    maps = []
+    for i, side in enumerate(sides):
+        die = np.full((side, side), PASS, np.uint8)
+        die[0, 0] = NO_DIE
+        die.flat[1:2 + i] = FAIL
+        maps.append(die)
+    return make_table(wafer_ids=[f"w{i}" for i in range(len(labels))], die_maps=maps, wafer_labels=labels,
+                      label_maps=[np.zeros(m.shape, np.uint8) for m in maps])
+
+
+def test_wafer_label_table_keeps_mixes_and_drops_what_says_nothing() -> None:
+    labels = ["Edge-Ring", "Center+Scratch", "Near-full", None, "None", "Random+Scratch", "", "Donut+Edge-Ring",
+              "Near-full+Scratch"]
+    t = _sized_table(labels, [6] * len(labels))
+    kept, report = wafer_label_table(t, class_names=CLASSES)
+    assert kept.column("wafer_id").to_pylist() == ["w0", "w1", "w4", "w5", "w7"]
+    assert report.kept == {"ring": 2, "scratch+circle": 1, "none": 1, "scratch": 1}
+    assert report.dropped == {"Near-full": 1, UNLABELLED: 2, "Near-full+Scratch": 1}
+    # label_map is null on every row (the input had zero maps): the loss reads only the wafer label
+    assert kept.column("label_map").null_count == kept.num_rows == 5
+    assert kept.column("wafer_label").to_pylist() == [labels[i] for i in (0, 1, 4, 5, 7)]
+    assert kept.column("die_map").to_pylist() == [t.column("die_map")[i].as_py() for i in (0, 1, 4, 5, 7)]
+    assert validate_table(kept, n_classes=len(CLASSES)).valid.num_rows == 5  # still a valid wafer table
+
+
+def test_wafer_label_table_drops_maps_over_the_side_limit_and_counts_them() -> None:
+    labels = ["Edge-Ring", "Scratch", "Near-full", "None", "Loc", None]
+    sides = [6, 12, 12, 8, 9, 20]  # w1 and w4 are too big; w2 and w5 are dropped for their label
+    kept, report = wafer_label_table(_sized_table(labels, sides), class_names=CLASSES, max_map_side=8)
+    assert kept.column("wafer_id").to_pylist() == ["w0", "w3"]  # side 8 is not over 8
+    assert report.dropped == {"Near-full": 1, UNLABELLED: 1, "over 8 dies a side": 2}
+    assert report.kept == {"ring": 1, "none": 1}
+    everything, open_report = wafer_label_table(_sized_table(labels, sides), class_names=CLASSES)
+    assert everything.num_rows == 4 and not any(k.startswith("over") for k in open_report.dropped)
+    # a map only wider than the limit counts too
+    wide = make_table(wafer_ids=["a", "b"], wafer_labels=["Scratch", "Scratch"],
+                      die_maps=[np.full((4, 10), FAIL, np.uint8), np.full((8, 4), FAIL, np.uint8)])
+    kept, report = wafer_label_table(wide, class_names=CLASSES, max_map_side=8)
+    assert kept.column("wafer_id").to_pylist() == ["b"] and report.dropped == {"over 8 dies a side": 1}
+
+
+def test_wafer_label_table_caps_each_pattern_set_with_a_seeded_sample() -> None:
+    labels = ["None"] * 12 + ["Center+Scratch"] * 6 + ["Edge-Ring"] * 2
+    t = _sized_table(labels, [6] * len(labels))
+    a, report = wafer_label_table(t, class_names=CLASSES, max_per_class=4, seed=3)
+    b, _ = wafer_label_table(t, class_names=CLASSES, max_per_class=4, seed=3)
+    assert report.kept == {"none": 4, "scratch+circle": 4, "ring": 2}
+    ids = a.column("wafer_id").to_pylist()
+    assert ids == b.column("wafer_id").to_pylist() and len(ids) == 10
+    assert ids == sorted(ids, key=lambda x: int(x[1:]))  # table order kept
+    assert {"w18", "w19"} <= set(ids)  # a set under the cap is kept whole
+    labels_kept = a.column("wafer_label").to_pylist()
+    assert labels_kept.count("None") == 4 and labels_kept.count("Center+Scratch") == 4
+    seeds = {tuple(wafer_label_table(t, class_names=CLASSES, max_per_class=4, seed=s)[0].column("wafer_id").to_pylist())
+             for s in range(5)}
+    assert len(seeds) > 1  # the sample depends on the seed
+
+
+def test_wafer_label_table_checks_its_input() -> None:
+    with pytest.raises(ValueError, match="wafer_label column"):
+        wafer_label_table(_table(["Scratch"]).drop_columns(["wafer_label"]), class_names=CLASSES)
+    with pytest.raises(ValueError, match="not configured classes"):
+        wafer_label_table(_table(["Center+Scratch"]), class_names=["background", "ring", "scratch"])
