@@ -75,7 +75,10 @@ def weak_map_loss(logits: torch.Tensor, die: torch.Tensor, allowed: torch.Tensor
     k = min(top_k, probs.shape[-1])
     n_fail = fail.flatten(1).sum(1).clamp(min=1, max=k)  # a wafer with fewer fail dies averages over those
     pooled = probs.topk(k, dim=2).values.sum(2) / n_fail[:, None]  # (N, C)
-    presence = -torch.log(pooled[present].clamp_min(1e-6)).mean()
+    carried = present & fail.flatten(1).any(1)[:, None]  # a wafer without fail dies carries no pattern to find
+    if not bool(carried.any()):
+        return absence
+    presence = -torch.log(pooled[carried].clamp_min(1e-6)).mean()
     return absence + presence_weight * presence
 
 

@@ -220,3 +220,14 @@ def test_an_empty_weak_set_says_so() -> None:
     ws = WeakSet.from_table(_weak_table(["Scratch"]).slice(0, 0), CLASSES)
     with pytest.raises(ValueError, match="no real maps"):
         next(ws.endless_batches(batch_size=2, seed=0))
+
+
+def test_a_labelled_wafer_without_fail_dies_adds_no_presence_term():
+    """Its pooled probability would be 0 (clamped): a huge constant that dilutes the others' gradient."""
+    die = torch.full((2, 4, 4), 1, dtype=torch.uint8)
+    die[0, 1, 1] = FAIL
+    logits = torch.zeros(2, 5, 4, 4)
+    allowed, present = label_sets([{1}, {2}], 5)
+    both = weak_map_loss(logits, die, allowed, present)
+    alone = weak_map_loss(logits[:1], die[:1], allowed[:1], present[:1])
+    assert torch.allclose(both, alone)
