@@ -89,8 +89,10 @@ def render_wafers(
         row, first = divmod(i, ncols)
         for j, (name, maps) in enumerate(layers):
             ax = axes[row, first * len(layers) + j]
-            title = name if titles is None or j else f"{titles[i]}\n{name}"
-            ax.set_title(title, fontsize=8)
+            if titles is None or j:
+                ax.set_title(name, fontsize=8)
+            else:  # the wafer's title starts at its first panel and runs on over the others
+                ax.set_title(f"{titles[i]}\n{name}", fontsize=8, loc="left")
             if maps is None:
                 image = die_lut[die]
             elif maps[i] is None:
