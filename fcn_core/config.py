@@ -163,6 +163,10 @@ class ModelConfig(_Strict):
     imagenet_weights: str | None = Field(
         None, description="local path to a torchvision VGG16 state dict (vgg16 preset only)"
     )
+    tta: Literal["none", "mirror"] = Field(
+        "none", description="test-time augmentation wherever the model labels maps (test scores, calibration, "
+                            "predict, nightly): mirror = average the softmax of each map and of its mirror "
+                            "image (flipped before padding, flipped back); twice the inference time")
 
 
 class StageConfig(_Strict):

@@ -54,7 +54,10 @@ def evaluate(
     batch_size: int = 64,
     multiple: int = 32,
     fixed: int | None = None,
+    tta: str = "none",
 ) -> EvalScores:
+    """The FCN paper's four scores over on-wafer dies and over fail dies; ``tta`` as the model
+    will be served (``model.tta`` of its config; :func:`fcn_core.inference.runtime.tta_scores`)."""
     wafers.require_labels("evaluation")
     device = resolve_device(device) if isinstance(device, str) else device
     was_training = model.training
@@ -62,7 +65,7 @@ def evaluate(
     on_wafer = ConfusionMatrix(n_classes, device=device)
     fail_only = ConfusionMatrix(n_classes, device=device)
     for _, batch in wafers.batches(batch_size=batch_size, multiple=multiple, fixed=fixed):
-        pred = batch_labels(model, batch, device)
+        pred = batch_labels(model, batch, device, tta=tta)
         target = batch.target.to(device)  # label on fail dies, IGNORE_INDEX elsewhere
         fail_only.update(pred, target)
         die = torch.as_tensor(batch.die).to(device)

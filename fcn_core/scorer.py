@@ -82,6 +82,11 @@ class Scorer:
     def pad_fixed(self) -> int | None:
         return self.cfg.data.pad_fixed
 
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation the model is served with (``model.tta`` of its config)."""
+        return self.cfg.model.tta
+
     def with_verdict(self, verdict: VerdictConfig) -> Scorer:
         """The same model judged by other verdict rules (e.g. calibrated thresholds)."""
         judged = replace(self, verdict=verdict)
@@ -113,7 +118,7 @@ class Scorer:
         """
         net = self.inference_net(channels_last=channels_last, subpixel=subpixel)
         return packed.label_packed(net, maps, channels_last=channels_last, multiple=self.pad_multiple,
-                                   fixed=self.pad_fixed, **speed)
+                                   fixed=self.pad_fixed, tta=self.tta, **speed)
 
     def predict_maps(self, die_maps: Sequence[np.ndarray], **speed: Any) -> list[np.ndarray]:
         """The network's uint8 label map of each die map, in input order (no shape rules)."""

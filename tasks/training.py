@@ -258,7 +258,7 @@ def evaluate_stages(*, cfg: Config, scorers: dict[str, str], test_path: str, out
     served = {stage: load_scorer(path, device=device) for stage, path in scorers.items()}
     for stage, scorer in served.items():
         scores[stage] = evaluate(scorer.model, test, n_classes=scorer.n_classes, device=device,
-                                 multiple=scorer.pad_multiple, fixed=scorer.pad_fixed)
+                                 multiple=scorer.pad_multiple, fixed=scorer.pad_fixed, tta=scorer.tta)
     out = Path(out_dir)
     held_out = _scoring_parts(cfg, real_scoring)
     real: list[RealMapsReport] = []
@@ -412,7 +412,8 @@ def register_task(*, cfg: Config, parent_run_id: str, scorer_path: str, candidat
 
     def rescore(scorer) -> float:
         return float(evaluate(scorer.model.to(device), test, n_classes=cfg.n_classes, device=device,
-                              multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed).fail_only["mean_iu"])
+                              multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed,
+                              tta=scorer.tta).fail_only["mean_iu"])
 
     result = register_model(cfg, client=store, run_id=parent_run_id, scorer_path=scorer_path,
                             candidate_score=candidate_score, rescore=rescore, stage=stage)

@@ -273,10 +273,15 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     for key in ("wm811k_macro_f1", "wm811k_die_purity", "wm811k_false_alarm_share", "mixed_macro_f1",
                 "mixed_exact_match"):
         assert key in result.real_by_stage[last] and key in result.real_by_stage["finetune"]
-    (tuned,) = run_data.glob("*/data/finetune_train.parquet")
+    # weak_labels: wafer_labels (the default): the real maps trained on, beside the synthetic train split
+    (tuned,) = run_data.glob("*/data/weak_train.parquet")
+    assert not list(run_data.glob("*/data/finetune_train.parquet"))  # no invented die labels
     tuned_ids = set(read_parquet(tuned).column("wafer_id").to_pylist())
     assert not {i for i in tuned_ids if i.startswith(("wm811k-val", "mixedwm38-val"))}  # never trained on
-    assert any(i.startswith("wm811k-train") for i in tuned_ids) and any(i.startswith("syn-1-") for i in tuned_ids)
+    assert any(i.startswith("wm811k-train") for i in tuned_ids) and any(i.startswith("mixedwm38-train")
+                                                                        for i in tuned_ids)
+    (mixed_calibration,) = run_data.glob("*/data/mixedwm38-val_calibration.parquet")
+    calibrated_on = f"{calibration.name} + {mixed_calibration.name}"  # thresholds fitted to both tables
     cal_ids = set(read_parquet(calibration).column("wafer_id").to_pylist())
     assert cal_ids and not cal_ids & set(read_parquet(scoring).column("wafer_id").to_pylist())
     # the registered model is served with the verdict thresholds calibrated on the calibration part
@@ -286,10 +291,10 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     cfg = load_config("tiny", {"home": str(tmp_path / "home")})
     scorer, _, version = load_champion(cfg)
     assert version == result.registration.version
-    assert scorer.verdict.calibrated_on == calibration.name and not hasattr(scorer.model, "verdict")
+    assert scorer.verdict.calibrated_on == calibrated_on and not hasattr(scorer.model, "verdict")
     # calibration wrote scorer bundles; the training checkpoints keep the config's rules
     (tuned_ckpt,) = run_data.glob("*/checkpoints/finetune/best.pt")
-    assert load_scorer(tuned_ckpt.with_name("scorer.pt")).verdict.calibrated_on == calibration.name
+    assert load_scorer(tuned_ckpt.with_name("scorer.pt")).verdict.calibrated_on == calibrated_on
     assert not torch.load(tuned_ckpt, weights_only=True)["config"]["verdict"]["calibrated_on"]
     store = MlflowClient(tracking_uri=cfg.tracking_uri)
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
@@ -297,13 +302,13 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     assert "calibration_macro_f1" in tuned_run.data.metrics
     assert not any(k.startswith("calibration") and k != "calibration_macro_f1" for k in tuned_run.data.metrics)
     assert {"calibration.scratch.min_dies", "calibration.ring.min_share"} <= set(tuned_run.data.params)
-    assert tuned_run.data.params["calibration.calibrated_on"] == calibration.name
+    assert tuned_run.data.params["calibration.calibrated_on"] == calibrated_on
     parent = store.get_run(result.mlflow_run_id)
-    assert {"finetune_train", "real_calibration", "real_scoring", "mixed_scoring"} <= {
+    assert {"weak_train", "real_calibration", "mixed_calibration", "real_scoring", "mixed_scoring"} <= {
         next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in parent.inputs.dataset_inputs}
     evaluation = next(run_data.glob("*/evaluation"))
     results_md = (evaluation / "results.md").read_text()
-    assert results_md.count(f"calibrated on {calibration.name}") == 2  # FCN-1s and the fine-tuned model
+    assert results_md.count(f"calibrated on {calibrated_on}") == 2  # FCN-1s and the fine-tuned model
     assert "## Held-out real maps (scoring parts)" in results_md
     for stage in (last, "finetune"):  # one folder per model, files named after it
         assert (evaluation / "real" / stage / f"wm811k_{stage}.md").exists()

@@ -69,3 +69,34 @@ def test_bad_die_maps_are_rejected(table):
         packed_column(short)
     with pytest.raises(ValueError, match="batch_size"):
         predict_maps(m, die_maps(table)[:2], batch_size=0)
+
+
+def test_mirror_tta_averages_each_map_with_its_own_mirror_image(table):
+    """Maps of several sizes in one padded batch: each is mirrored within its own corner, so the
+    answer is what labelling each map and its mirror image separately and averaging gives."""
+    from fcn_core.weak import softmax_maps
+
+    torch.manual_seed(0)
+    model = build_fcn("fcn1s", n_classes=5, preset="compact", geometry="aligned").eval()
+    with torch.no_grad():  # a fresh FCN-1s's skips start at zero: give every layer something to say
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    maps = [np.ascontiguousarray(m[:m.shape[0] - 3 * (i % 4), :m.shape[1] - 4 * (i % 3)])  # several sizes
+            for i, m in enumerate(die_maps(table)[:12])]
+    assert len({m.shape for m in maps}) > 4
+    tta = pack_maps(maps).unpack(label_packed(model, pack_maps(maps), channels_last=False, tta="mirror", bf16=False))
+    plain = pack_maps(maps).unpack(label_packed(model, pack_maps(maps), channels_last=False, bf16=False))
+    as_is = softmax_maps(model, maps, batch_size=1)
+    mirrored = softmax_maps(model, [np.ascontiguousarray(m[:, ::-1]) for m in maps], batch_size=1)
+    checked = 0
+    for die, got, p, q in zip(maps, tta, as_is, mirrored):
+        mean = p + q[:, :, ::-1]
+        top2 = np.sort(mean, axis=0)[-2:]
+        clear = (die == FAIL) & (top2[1] - top2[0] > 1e-3)  # near-ties may go either way in float32
+        np.testing.assert_array_equal(got[clear], mean.argmax(0)[clear])
+        checked += int(clear.sum())
+        assert (got[die != FAIL] == 0).all()
+    assert checked > 1000
+    assert any((a != b).any() for a, b in zip(tta, plain))  # the mirror image does change labels
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        label_packed(model, pack_maps(maps[:1]), channels_last=False, tta="rotate")

@@ -153,3 +153,26 @@ def test_calibrated_joint_fits_one_set_of_thresholds_to_both_kinds_of_wafer(cfg,
     first = real_eval_report(single[1], single_v.dominant_pattern, labels=verdict_labels(cfg.class_names))
     second = multilabel_scores(mixed[1], mixed_v.patterns, pattern_names=cfg.class_names[1:])
     assert f1 == pytest.approx(0.5 * (first.scores["macro_f1"] + second["macro_f1"]), rel=1e-12)
+
+
+def test_a_mirror_tta_scorer_labels_through_the_mirror_and_keeps_it_in_its_bundle(cfg, table, tmp_path):
+    """model.tta travels with the model (its config is in the bundle): predict, calibration and the
+    nightly products all label maps the way the test scores were made."""
+    from fcn_core.evaluate import evaluate
+    from fcn_core.data import WaferSet
+
+    mirrored_cfg = load_config("tiny", {"model.tta": "mirror"})
+    model = _model(cfg)
+    plain, mirror = Scorer(model, cfg.verdict, cfg), Scorer(model, cfg.verdict, mirrored_cfg)
+    assert (plain.tta, mirror.tta) == ("none", "mirror")
+    maps = die_maps(table)
+    want = predict_maps(model, maps, bf16=False, tta="mirror", multiple=cfg.data.pad_multiple)
+    got = mirror.predict_maps(maps, bf16=False)
+    assert all((a == b).all() for a, b in zip(got, want))
+    assert any((a != b).any() for a, b in zip(got, plain.predict_maps(maps, bf16=False)))
+    again = load_scorer(save_scorer(mirror, tmp_path / "scorer.pt"))
+    assert again.tta == "mirror"
+    assert all((a == b).all() for a, b in zip(again.predict_maps(maps, bf16=False), got))
+    wafers = WaferSet.from_table(table)
+    scores = {t: evaluate(model, wafers, n_classes=cfg.n_classes, tta=t).hist_fail for t in ("none", "mirror")}
+    assert scores["none"].sum() == scores["mirror"].sum() and (scores["none"] != scores["mirror"]).any()

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from fcn_core.inference.fastpath import fast_module, one_hot_channels_last
-from fcn_core.inference.runtime import autocast_for, class_ids, inference_bf16, intra_op_threads, resolve_device
+from fcn_core.inference.runtime import (autocast_for, class_ids, inference_bf16, intra_op_threads, resolve_device,
+                                       tta_scores)
 from fcn_core.padding import N_DIE_STATES, padded_shape, size_buckets
 from fcn_core.table import FAIL
 
@@ -152,11 +153,13 @@ def label_packed(
     fixed: int | None = None,
     bf16: bool | None = None,
     num_threads: int | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     """uint8 labels laid out like ``maps.data``, by ``net`` as it is (already made by ``fast_module``).
 
     ``channels_last`` says which input layout ``net`` was made for. ``net`` is only read, so one
-    net can serve concurrent callers.
+    net can serve concurrent callers. ``tta``: ``mirror`` averages each map with its mirror image
+    (:func:`fcn_core.inference.runtime.tta_scores`).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     if maps.data.size and int(maps.data.max()) >= N_DIE_STATES:
@@ -172,7 +175,7 @@ def label_packed(
             if not channels_last:
                 x = x.contiguous()
             with autocast_for(device, bf16=bf16):
-                logits = net(x)
+                logits = tta_scores(net, x, list(zip(maps.heights[idx].tolist(), maps.widths[idx].tolist())), tta)
             labels = class_ids(logits).to(torch.uint8).masked_fill_(die != FAIL, 0)
             scatter(labels.cpu().numpy(), maps, idx, out)
     return out
@@ -191,6 +194,7 @@ def predict_packed(
     channels_last: bool = True,
     subpixel: bool = True,
     num_threads: int | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     """uint8 labels laid out like ``maps.data`` (label_map layout per map; 0 off fail dies).
 
@@ -200,7 +204,7 @@ def predict_packed(
     net = fast_module(model, channels_last=channels_last, subpixel=subpixel)
     return label_packed(net, maps, channels_last=channels_last, batch_size=batch_size,
                         max_batch_pixels=max_batch_pixels, device=device, multiple=multiple, fixed=fixed, bf16=bf16,
-                        num_threads=num_threads)
+                        num_threads=num_threads, tta=tta)
 
 
 def predict_maps(model: nn.Module, die_maps: Sequence[np.ndarray], **options) -> list[np.ndarray]:

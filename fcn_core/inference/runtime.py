@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -86,13 +86,35 @@ def inference_bf16(device: torch.device, bf16: bool | None) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
-def batch_labels(model: nn.Module, batch: Batch, device: torch.device, *, bf16: bool | None = None) -> torch.Tensor:
+def mirror_maps(t: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Each map of ``t`` (N, ..., H, W) mirrored left-right within its own (h, w) corner; the padding
+    stays at the bottom/right, where the network saw it in training. Its own inverse."""
+    out = t.clone()
+    for k, (h, w) in enumerate(sizes):
+        out[k, ..., :h, :w] = t[k, ..., :h, :w].flip(-1)
+    return out
+
+
+def tta_scores(net: nn.Module, x: torch.Tensor, sizes: Sequence[tuple[int, int]], tta: str) -> torch.Tensor:
+    """Class scores of a padded one-hot batch: the logits (``tta`` none), or for ``mirror`` the sum of
+    the softmax of each map and the mirrored-back softmax of its mirror image (argmax = the average's)."""
+    logits = net(x)
+    if tta == "none":
+        return logits
+    if tta != "mirror":
+        raise ValueError(f"unknown test-time augmentation {tta!r} (none, mirror)")
+    mirrored = net(mirror_maps(x, sizes))
+    return torch.softmax(logits.float(), 1) + mirror_maps(torch.softmax(mirrored.float(), 1), sizes)
+
+
+def batch_labels(model: nn.Module, batch: Batch, device: torch.device, *, bf16: bool | None = None,
+                 tta: str = "none") -> torch.Tensor:
     """(N, H, W) int64 labels on ``device`` for a padded batch, background off fail dies."""
     x = batch.x.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast_for(device, bf16=bf16):
-        logits = model(x)
+        logits = tta_scores(model, x, batch.sizes, tta)
     labels = class_ids(logits)
     die = torch.as_tensor(batch.die).to(device, non_blocking=True)
     return labels.masked_fill_(die != FAIL, 0)
