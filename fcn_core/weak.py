@@ -87,14 +87,7 @@ def weak_label_table(
     for i, m in enumerate(mapped):
         if m is not None:
             by_class.setdefault(m, []).append(i)
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    for name, rows in sorted(by_class.items()):
-        if max_per_class is not None and len(rows) > max_per_class:
-            rows = sorted(rng.choice(rows, size=max_per_class, replace=False).tolist())
-        report.kept[name] = len(rows)
-        keep.extend(rows)
-    keep.sort()
+    keep = _capped(by_class, max_per_class, seed, report)
     kept = table.take(pa.array(keep, pa.int64()))
     weak = []
     for die, m in zip(die_maps(kept), (mapped[i] for i in keep)):
@@ -179,16 +172,8 @@ def pseudo_mask_table(
     if "wafer_label" not in table.column_names:
         raise ValueError("pseudo-masks need a wafer_label column (the dataset's wafer-level label)")
     allowed = label_patterns(table, class_names)
-    labels = table.column("wafer_label").to_pylist()
     report = WeakLabelReport()
-    report.dropped = dict(Counter(str(labels[i]) if labels[i] else UNLABELLED
-                                  for i, a in enumerate(allowed) if a is None))
-    by_set: dict[str, list[int]] = {}
-    for i, a in enumerate(allowed):
-        if a is not None:
-            key = PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE
-            by_set.setdefault(key, []).append(i)
-    keep = _capped(by_set, max_per_class, seed, report)
+    keep = _capped(_pattern_sets(table, allowed, class_names, report), max_per_class, seed, report)
     kept = table.take(pa.array(keep, pa.int64()))
     die = die_maps(kept)
     probs = softmax_maps(model, die, device=device, multiple=multiple, fixed=fixed)
@@ -220,25 +205,34 @@ def wafer_label_table(
     if "wafer_label" not in table.column_names:
         raise ValueError("wafer-level training needs a wafer_label column (the dataset's wafer-level label)")
     allowed = label_patterns(table, class_names)
-    labels = table.column("wafer_label").to_pylist()
-    side = np.maximum(np.asarray(table.column("height")), np.asarray(table.column("width")))
     report = WeakLabelReport()
-    report.dropped = dict(Counter(str(labels[i]) if labels[i] else UNLABELLED
-                                  for i, a in enumerate(allowed) if a is None))
-    too_big = int(sum(a is not None for a in allowed) - sum(a is not None and (max_map_side is None or s <= max_map_side)
-                                                             for a, s in zip(allowed, side)))
-    if too_big:
-        report.dropped[f"over {max_map_side} dies a side"] = too_big
-    by_set: dict[str, list[int]] = {}
-    for i, a in enumerate(allowed):
-        if a is not None and (max_map_side is None or side[i] <= max_map_side):
-            key = PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE
-            by_set.setdefault(key, []).append(i)
-    keep = _capped(by_set, max_per_class, seed, report)
+    fits = None
+    if max_map_side is not None:
+        fits = np.maximum(np.asarray(table.column("height")), np.asarray(table.column("width"))) <= max_map_side
+        too_big = sum(a is not None and not f for a, f in zip(allowed, fits))
+        if too_big:
+            report.dropped[f"over {max_map_side} dies a side"] = int(too_big)
+    keep = _capped(_pattern_sets(table, allowed, class_names, report, fits=fits), max_per_class, seed, report)
     kept = table.take(pa.array(keep, pa.int64()))
     column = kept.schema.get_field_index("label_map")
     kept = kept.set_column(column, kept.schema.field(column), pa.nulls(kept.num_rows, pa.binary()))
     return kept, report
+
+
+def _pattern_sets(table: pa.Table, allowed: list[set[int] | None], class_names: Sequence[str],
+                  report: WeakLabelReport, *, fits: Sequence[bool] | None = None) -> dict[str, list[int]]:
+    """Row indices by label pattern set ('none', 'ring', 'local zone+ring', ...). Rows whose label is
+    unusable (``allowed`` None: unlabelled, Near-full) are counted in ``report.dropped`` by label;
+    rows with ``fits`` False are left out too (the caller says why in ``report.dropped``)."""
+    labels = table.column("wafer_label").to_pylist()
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(allowed):
+        if a is None:
+            key = str(labels[i]) if labels[i] else UNLABELLED
+            report.dropped[key] = report.dropped.get(key, 0) + 1
+        elif fits is None or fits[i]:
+            groups.setdefault(PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE, []).append(i)
+    return groups
 
 
 def _capped(groups: dict[str, list[int]], max_per_class: int | None, seed: int,
