@@ -190,23 +190,24 @@ class FinetuneConfig(StageConfig):
     train_tables: list[str] = Field(
         default_factory=lambda: list(TRAINING_TABLES),
         description="real labelled tables to fine-tune on: file names in the real-data folder, or paths")
-    weak_labels: Literal["wafer_labels", "all_fail_dies", "pseudo_masks"] = Field(
-        "wafer_labels", description="wafer_labels: a wafer-level loss trained jointly with the synthetic die "
-                                    "loss (fcn_core.weak_loss: fail dies are background or a labelled pattern, "
-                                    "each labelled pattern is carried by some dies; mixes kept); all_fail_dies: "
-                                    "every fail die of a one-pattern wafer is that pattern (mixes dropped); "
-                                    "pseudo_masks: the synthetic-only model's confident dies, restricted to the "
-                                    "wafer's labelled patterns, others ignored (mixes kept)")
-    real_weight: float = Field(1.0, gt=0, description="wafer_labels: weight of the real-map loss beside the "
-                                                      "synthetic one (one real batch per synthetic batch)")
-    presence_weight: float = Field(1.0, ge=0, description="wafer_labels: weight of 'each labelled pattern is "
+    weak_labels: Literal["both", "wafer_labels", "all_fail_dies", "pseudo_masks"] = Field(
+        "both", description="wafer_labels: a wafer-level loss trained jointly with the synthetic die "
+                            "loss (fcn_core.weak_loss: fail dies are background or a labelled pattern, "
+                            "each labelled pattern is carried by some dies; mixes kept); both: the same real "
+                            "maps also taught their pseudo-masks (below) by cross-entropy; all_fail_dies: "
+                            "every fail die of a one-pattern wafer is that pattern (mixes dropped); "
+                            "pseudo_masks: the synthetic-only model's confident dies, restricted to the "
+                            "wafer's labelled patterns, others ignored (mixes kept)")
+    real_weight: float = Field(1.0, gt=0, description="wafer_labels/both: weight of the real-map loss beside "
+                                                      "the synthetic one (one real batch per synthetic batch)")
+    presence_weight: float = Field(1.0, ge=0, description="wafer_labels/both: weight of 'each labelled pattern is "
                                                           "there' beside 'no other pattern is'")
-    presence_top_k: int = Field(5, ge=1, description="wafer_labels: a pattern's presence score is its mean "
+    presence_top_k: int = Field(5, ge=1, description="wafer_labels/both: a pattern's presence score is its mean "
                                                      "probability over the wafer's k most likely fail dies")
     max_map_side: int | None = Field(
-        96, ge=8, description="wafer_labels: train on real maps up to this many dies a side (the few larger "
+        96, ge=8, description="wafer_labels/both: train on real maps up to this many dies a side (the few larger "
                               "WM-811K maps cost as much as all others together); null: all")
-    pseudo_min_prob: float = Field(0.6, gt=0, le=1, description="pseudo_masks: softmax a die needs to be taught")
+    pseudo_min_prob: float = Field(0.6, gt=0, le=1, description="pseudo_masks/both: softmax a die needs to be taught")
     max_per_class: int | None = Field(
         1000, ge=1, description="cap on weakly labelled wafers per mapped class (WM-811K is 59 % 'none')")
     mix_synthetic: bool = Field(True, description="all_fail_dies / pseudo_masks: train on the synthetic train "

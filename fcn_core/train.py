@@ -262,8 +262,9 @@ def train_stage(
 ) -> StageResult:
     """Train one stage; checkpoints every epoch to ``out_dir/<stage>/{last,best}.pt``.
 
-    ``weak_set``: real maps with wafer-level labels, trained jointly (``weak_labels: wafer_labels``):
-    every step adds one batch of them under ``fcn_core.weak_loss.weak_map_loss``, weighted by
+    ``weak_set``: real maps with wafer-level labels, trained jointly (``weak_labels: wafer_labels``
+    or ``both``): every step adds one batch of them under ``fcn_core.weak_loss.weak_map_loss`` (plus,
+    when the set carries pseudo-masks, the die cross-entropy on them), weighted by
     ``train.finetune.real_weight``, to the synthetic batch's die-level loss, in one forward pass.
 
     With ``resume`` an interrupted stage continues from ``last.pt`` (model, optimiser, schedule,
@@ -345,10 +346,13 @@ def train_stage(
                 if real is not None:
                     real_batch, allowed, present = real
                     rh, rw = real_batch.die.shape[-2:]
-                    loss = loss + cfg.train.finetune.real_weight * weak_map_loss(
-                        logits[n_synthetic:, :, :rh, :rw], real_batch.die.to(device), allowed.to(device),
-                        present.to(device), top_k=cfg.train.finetune.presence_top_k,
-                        presence_weight=cfg.train.finetune.presence_weight)
+                    real_logits = logits[n_synthetic:, :, :rh, :rw]
+                    real_loss = weak_map_loss(
+                        real_logits, real_batch.die.to(device), allowed.to(device), present.to(device),
+                        top_k=cfg.train.finetune.presence_top_k, presence_weight=cfg.train.finetune.presence_weight)
+                    if real_batch.target is not None and bool((real_batch.target != IGNORE_INDEX).any()):
+                        real_loss = real_loss + loss_fn(real_logits.float(), real_batch.target.to(device))
+                    loss = loss + cfg.train.finetune.real_weight * real_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.train.grad_clip_norm is not None:

@@ -92,14 +92,26 @@ class WeakSet:
 
     @classmethod
     def from_table(cls, table: pa.Table, class_names: Sequence[str]) -> "WeakSet":
-        """Every row must have a usable ``wafer_label`` (``fcn_core.weak.wafer_label_table`` picks them)."""
+        """Every row must have a usable ``wafer_label`` (``fcn_core.weak.wafer_label_table`` picks them).
+
+        ``label_map`` null on every row: the wafer labels only (``weak_labels: wafer_labels``). Set on
+        every row (pseudo-masks, ``weak_labels: both``): batches carry them as targets too."""
         patterns = label_patterns(table, class_names)
         unusable = [i for i, p in enumerate(patterns) if p is None]
         if unusable:
             raise ValueError(f"{len(unusable)} rows have no usable wafer_label (first: row {unusable[0]})")
-        wafers = WaferSet(wafer_ids=table.column("wafer_id").to_pylist(), die=WaferSet.from_table(table).die)
+        maps = WaferSet.from_table(table)
+        n_masked = sum(lab is not None for lab in maps.label)
+        if n_masked not in (0, len(maps)):
+            raise ValueError(f"{n_masked} of {len(maps)} rows have a label_map: all or none must (pseudo-masks "
+                             "for every real map, or wafer labels only)")
         allowed, present = label_sets(patterns, len(class_names))
-        return cls(wafers, allowed, present)
+        return cls(maps, allowed, present)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether every map carries a die-level (pseudo-)mask for the batches' ``target``."""
+        return bool(len(self)) and self.wafers.label[0] is not None
 
     def __len__(self) -> int:
         return len(self.wafers)
@@ -107,11 +119,12 @@ class WeakSet:
     def endless_batches(self, *, batch_size: int, seed: int, multiple: int = 32, fixed: int | None = None,
                         augment: bool = True) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
         """(batch, allowed, present) for ever: shuffled and augmented passes, each seeded from ``seed``,
-        so a resumed epoch draws the same real maps as the interrupted one did."""
+        so a resumed epoch draws the same real maps as the interrupted one did. ``batch.target``: the
+        masks when :attr:`has_masks`, else None."""
         if not len(self):
             raise ValueError("no real maps to train on")
         for n in range(1 << 30):
             for idx, batch in self.wafers.batches(batch_size=batch_size, multiple=multiple, fixed=fixed,
                                                   shuffle=True, seed=seed * 1009 + n, augment=augment,
-                                                  with_targets=False):
+                                                  with_targets=self.has_masks):
                 yield batch, self.allowed[idx], self.present[idx]

@@ -142,15 +142,20 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
         recovery.tag_with_process(client, stage_run)
         status = "FAILED"
         try:
-            if stage == FINETUNE and cfg.train.finetune.weak_labels == "pseudo_masks":  # from the model before it
+            weak_labels = cfg.train.finetune.weak_labels
+            joint = stage == FINETUNE and "weak_train" in paths  # real maps beside synthetic, wafer-level loss
+            weak_path = paths.get("weak_train") if joint else None
+            if stage == FINETUNE and weak_labels == "pseudo_masks":  # masks from the model before it
                 pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["real_train"],
                                   synthetic_path=paths["train"], dest=paths["finetune_train"])
-            joint = stage == FINETUNE and "weak_train" in paths  # real maps beside synthetic, wafer-level loss
+            if joint and weak_labels == "both":  # the real half also taught the previous model's masks
+                weak_path = str(run_dir / "data" / "weak_train_masked.parquet")
+                pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["weak_train"], dest=weak_path)
             train_path = paths["finetune_train"] if stage == FINETUNE and not joint else paths["train"]
             outcome = train_stage_task(
                 cfg=cfg, stage=stage, train_path=train_path, val_path=paths["val"],
                 out_dir=str(run_dir / "checkpoints"), init_checkpoint=init, stage_run_id=stage_run,
-                weak_path=paths["weak_train"] if joint else None)
+                weak_path=weak_path)
             best = outcome.best_checkpoint  # the next stage starts from it, never from a calibrated copy
             scorer = (  # what is evaluated and registered: the model and its verdict rules
                 calibrate_task(cfg=cfg, checkpoint=best, real_path=paths["real_calibration"], stage_run_id=stage_run,

@@ -62,7 +62,8 @@ def _finite(value: float) -> float | None:
 def train_stage_task(*, cfg: Config, stage: str, train_path: str, val_path: str, out_dir: str,
                      init_checkpoint: str | None, stage_run_id: str, weak_path: str | None = None) -> StageOutcome:
     """Train one FCN stage (resuming from its last checkpoint), logging epochs to ``stage_run_id``;
-    with ``weak_path`` (real maps with wafer labels) jointly with them (``weak_labels: wafer_labels``)."""
+    with ``weak_path`` (real maps with wafer labels, and for ``weak_labels: both`` their pseudo-masks)
+    jointly with them."""
     client = _store(cfg)
     weak_set = None if weak_path is None else WeakSet.from_table(read_parquet(weak_path), cfg.class_names)
     result = train_stage(cfg, stage=stage, train_set=_load_split(train_path), val_set=_load_split(val_path),
@@ -86,7 +87,7 @@ def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
     ``fcn_core.real_split.split_held_out`` cuts each into a calibration part (verdict thresholds) and a
     scoring part (reported figures). Returns paths (``train``: the fine-tune file, written here for
     ``all_fail_dies`` and by :func:`pseudo_label_task` for ``pseudo_masks``; ``weak_train``: for
-    ``wafer_labels``, the real maps trained on beside the synthetic split; ``real_train``: the real
+    ``wafer_labels`` and ``both``, the real maps trained on beside the synthetic split; ``real_train``: the real
     training maps as read; ``real_calibration``/``real_scoring``; ``mixed_calibration``/``mixed_scoring``
     when the mixed table is there) and counts.
     """
@@ -122,7 +123,7 @@ def prepare_real_task(*, cfg: Config, train_path: str, out_dir: str) -> dict:
             counts[f"{name}_{part}"] = getattr(split, part).num_rows
     counts.update(real_train=real_train.num_rows, real_quarantined=quarantined)
     log = get_run_logger()
-    if ft.weak_labels == "wafer_labels":
+    if ft.weak_labels in ("wafer_labels", "both"):
         paths["weak_train"] = str(out / "weak_train.parquet")
         weak, report = wafer_label_table(real_train, class_names=cfg.class_names, max_per_class=ft.max_per_class,
                                          max_map_side=ft.max_map_side, seed=cfg.train.seed)
@@ -153,22 +154,32 @@ def _write_finetune_set(cfg: Config, weak: pa.Table, synthetic_path: str, dest: 
 
 
 @task(name="pseudo-masks", cache_policy=NO_CACHE)
-def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, synthetic_path: str,
-                      dest: str) -> dict[str, int]:
-    """``train.finetune.weak_labels=pseudo_masks``: the fine-tune file from the synthetic-only model's
-    confident dies on the real training maps, restricted to each wafer's labelled patterns
-    (``fcn_core.weak.pseudo_mask_table``); uncertain dies are ignored by the loss."""
+def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, dest: str,
+                      synthetic_path: str | None = None) -> dict[str, int]:
+    """Pseudo-masks from the model before the fine-tuning stage: its confident dies on the real
+    training maps, restricted to each wafer's labelled patterns (``fcn_core.weak.pseudo_mask_table``);
+    uncertain dies are ignored by the loss.
+
+    ``weak_labels=pseudo_masks``: ``real_train_path`` is every real training map (capped here per
+    pattern set) and ``dest`` the fine-tune file, with the synthetic split at ``synthetic_path``.
+    ``weak_labels=both``: ``real_train_path`` is the joint stage's real half (``weak_train``, already
+    picked), written to ``dest`` with its masks and nothing else."""
     ft = cfg.train.finetune
     device = resolve_device(cfg.train.device)
     scorer = scorer_from_checkpoint(checkpoint, device=device)
     weak, report = pseudo_mask_table(read_parquet(real_train_path), scorer.model, class_names=cfg.class_names,
-                                     min_prob=ft.pseudo_min_prob, max_per_class=ft.max_per_class,
+                                     min_prob=ft.pseudo_min_prob,
+                                     max_per_class=ft.max_per_class if synthetic_path else None,
                                      seed=cfg.train.seed, device=device, multiple=scorer.pad_multiple,
                                      fixed=scorer.pad_fixed)
-    counts = _write_finetune_set(cfg, weak, synthetic_path, dest)
-    get_run_logger().info("fine-tune set: %d real maps pseudo-masked %s (dropped %s; fail dies %s), plus %d "
-                          "synthetic", counts["weak"], report.kept, report.dropped or "none", report.dies,
-                          counts["synthetic"])
+    if synthetic_path:
+        counts = _write_finetune_set(cfg, weak, synthetic_path, dest)
+    else:
+        write_parquet_atomic(weak, dest)
+        counts = {"weak": weak.num_rows, "synthetic": 0}
+    get_run_logger().info("pseudo-masks: %d real maps %s (dropped %s; fail dies %s)%s", counts["weak"], report.kept,
+                          report.dropped or "none", report.dies,
+                          f", plus {counts['synthetic']} synthetic" if synthetic_path else "")
     return {**counts, **{f"dies_{k}": v for k, v in report.dies.items()}}
 
 

@@ -273,10 +273,13 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     for key in ("wm811k_macro_f1", "wm811k_die_purity", "wm811k_false_alarm_share", "mixed_macro_f1",
                 "mixed_exact_match"):
         assert key in result.real_by_stage[last] and key in result.real_by_stage["finetune"]
-    # weak_labels: wafer_labels (the default): the real maps trained on, beside the synthetic train split
+    # weak_labels: both (the default): the real maps trained on, beside the synthetic train split, with
+    # their wafer labels and the pseudo-masks the stage before the fine-tuning drew on them
     (tuned,) = run_data.glob("*/data/weak_train.parquet")
-    assert not list(run_data.glob("*/data/finetune_train.parquet"))  # no invented die labels
-    tuned_ids = set(read_parquet(tuned).column("wafer_id").to_pylist())
+    (masked,) = run_data.glob("*/data/weak_train_masked.parquet")
+    assert _ids_in(masked) == _ids_in(tuned) and read_parquet(masked).column("label_map").null_count == 0
+    assert not list(run_data.glob("*/data/finetune_train.parquet"))  # no fine-tune file: the joint stage
+    tuned_ids = _ids_in(tuned)
     assert not {i for i in tuned_ids if i.startswith(("wm811k-val", "mixedwm38-val"))}  # never trained on
     assert any(i.startswith("wm811k-train") for i in tuned_ids) and any(i.startswith("mixedwm38-train")
                                                                         for i in tuned_ids)
@@ -322,3 +325,9 @@ def test_fine_tuning_without_real_maps_fails_with_a_clear_message(prefect_harnes
     assert state.is_failed()
     with pytest.raises(ValueError, match="needs real labelled maps"):
         state.result()
+
+
+def _ids_in(path) -> list[str]:
+    from fcn_core.table import read_parquet
+
+    return read_parquet(path).column("wafer_id").to_pylist()

@@ -16,6 +16,7 @@ from fcn_core.scorer import SCORER_FILE, load_scorer
 from fcn_core.synth import generate_wafers
 from fcn_core.table import FAIL, die_maps, label_maps, read_parquet, write_parquet_atomic
 from fcn_core.verdicts import dataset_label_patterns
+from fcn_core.weak_loss import WeakSet
 from tracking import runs
 from tracking.store import open_store
 from tasks.training import calibrate_task, evaluate_stages, prepare_real_task, pseudo_label_task, scorer_task
@@ -101,7 +102,8 @@ def _ids(path) -> set[str]:
     return set(read_parquet(path).column("wafer_id").to_pylist())
 
 
-@pytest.mark.parametrize("weak_labels, trained_file", [("wafer_labels", "weak_train"), ("all_fail_dies", "train")])
+@pytest.mark.parametrize("weak_labels, trained_file", [("both", "weak_train"), ("wafer_labels", "weak_train"),
+                                                       ("all_fail_dies", "train")])
 def test_real_split_parts_are_disjoint_and_no_held_out_map_is_trained_on(prefect_harness, tmp_path, weak_labels,
                                                                           trained_file):
     folder = _real_tables(tmp_path / "real", load_config("tiny"))
@@ -136,6 +138,7 @@ def test_pseudo_masks_teach_only_labelled_patterns_and_keep_mixes(prefect_harnes
     dest = tmp_path / "d" / "finetune_train.parquet"
     counts = pseudo_label_task(cfg=cfg, checkpoint=str(ckpt), real_train_path=real["paths"]["real_train"],
                                synthetic_path=str(folder / "wm811k-train.parquet"), dest=str(dest))
+    assert counts["synthetic"] > 0  # pseudo_masks: the fine-tune file holds the synthetic split too
     tuned = read_parquet(dest)
     real_rows = tuned.slice(0, counts["weak"])
     class_id = {name: k for k, name in enumerate(cfg.class_names)}
@@ -147,6 +150,29 @@ def test_pseudo_masks_teach_only_labelled_patterns_and_keep_mixes(prefect_harnes
         mixes += len(allowed) > 1
     assert mixes > 0  # mixed-pattern wafers are fine-tuned on
     assert counts["dies_pattern"] > 0 and counts["dies_ignored"] > 0  # taught where allowed, ignored elsewhere
+
+
+def test_both_masks_exactly_the_joint_stages_real_maps_inside_their_labels(prefect_harness, tmp_path):
+    folder = _real_tables(tmp_path / "real", load_config("tiny"))
+    cfg = _real_cfg(tmp_path, folder, **{"train.finetune.weak_labels": "both", "train.finetune.max_per_class": 3,
+                                         "train.finetune.pseudo_min_prob": 0.05})  # untrained model: every argmax is "confident"
+    ckpt = _checkpoint(tmp_path / "checkpoints" / "fcn8s" / "best.pt", cfg)
+    real = prepare_real_task(cfg=cfg, train_path=str(folder / "wm811k-train.parquet"), out_dir=str(tmp_path / "d"))
+    weak_train = read_parquet(real["paths"]["weak_train"])
+    assert weak_train.column("label_map").null_count == weak_train.num_rows  # wafer labels only, so far
+    dest = tmp_path / "d" / "weak_train_masked.parquet"
+    counts = pseudo_label_task(cfg=cfg, checkpoint=str(ckpt), real_train_path=real["paths"]["weak_train"],
+                               dest=str(dest))
+    masked = read_parquet(dest)
+    # the very rows the wafer-level loss trains on (already capped: not capped again), and nothing synthetic
+    assert masked.column("wafer_id").to_pylist() == weak_train.column("wafer_id").to_pylist()
+    assert counts["weak"] == masked.num_rows and counts["synthetic"] == 0
+    class_id = {name: k for k, name in enumerate(cfg.class_names)}
+    for label, die, lab in zip(masked.column("wafer_label").to_pylist(), die_maps(masked), label_maps(masked)):
+        allowed = {class_id[p] for p in dataset_label_patterns(label) - {"none"}}
+        assert lab is not None and set(np.unique(lab[die == FAIL]).tolist()) - {0, IGNORE_INDEX} <= allowed
+    weak = WeakSet.from_table(masked, cfg.class_names)
+    assert weak.has_masks and len(weak) == masked.num_rows
 
 
 def test_evaluation_scores_the_scoring_parts_into_per_model_folders(prefect_harness, tmp_path):

@@ -185,10 +185,13 @@ def test_joint_input_pads_both_batches_with_no_die_and_keeps_their_content_top_l
     assert torch.equal(joint_input(small, tall)[:2, :, :8, :8], small)
 
 
-def _weak_set(cfg, *, fails: bool = True):
+def _weak_set(cfg, *, fails: bool = True, masks: str | None = None):
     """Seven real-like maps with dataset labels (mixes too); ``fails=False``: the same maps, sizes and
-    labels with every fail die made a pass die, so the weak loss is zero and teaches nothing."""
+    labels with every fail die made a pass die, so the weak loss is zero and teaches nothing.
+    ``masks``: pseudo-masks too (``weak_labels: both``): ``"taught"`` every fail die its wafer's first
+    labelled pattern, ``"ignored"`` every fail die ignored (the cross-entropy then has nothing to teach)."""
     from fcn_core.table import FAIL, PASS, die_maps, make_table
+    from fcn_core.weak import IGNORE_LABEL, label_patterns
     from fcn_core.weak_loss import WeakSet
 
     maps = die_maps(generate_wafers(6, seed=9, synth=cfg.data.synth))
@@ -196,7 +199,13 @@ def _weak_set(cfg, *, fails: bool = True):
     big[np.random.default_rng(1).random(big.shape) < 0.2] = FAIL
     maps = [m if fails else np.where(m == FAIL, PASS, m).astype(np.uint8) for m in [*maps, big]]
     labels = ["Edge-Ring", "None", "Center+Scratch", "Scratch", "Random", "Loc", "Donut+Edge-Ring"]
-    table = make_table(wafer_ids=[f"r{i}" for i in range(7)], die_maps=maps, wafer_labels=labels)
+    label_maps = None
+    if masks is not None:
+        patterns = label_patterns(make_table(wafer_ids=["x"] * 7, die_maps=maps, wafer_labels=labels), cfg.class_names)
+        label_maps = [np.where(m == FAIL, min(p, default=0) if masks == "taught" else IGNORE_LABEL, 0).astype(np.uint8)
+                      for m, p in zip(maps, patterns)]
+    table = make_table(wafer_ids=[f"r{i}" for i in range(7)], die_maps=maps, label_maps=label_maps,
+                       wafer_labels=labels)
     return WeakSet.from_table(table, cfg.class_names)
 
 
@@ -218,3 +227,19 @@ def test_training_with_a_weak_set_runs_and_learns_from_it(sets, tmp_path):
     _, control_again = weights("control-again", blank)
     assert all(torch.equal(control[k], control_again[k]) for k in control)  # same seed, same run
     assert any(not torch.equal(with_weak[k], control[k]) for k in control)  # so the real maps taught it
+
+
+def test_pseudo_masks_on_the_real_maps_add_a_die_loss_that_teaches(sets, tmp_path):
+    """weak_labels: both: the same steps with masks that teach every fail die, vs masks that ignore them all."""
+    cfg = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
+                               "train.fcn32s.batch_size": 4})
+
+    def weights(name, weak):
+        result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
+                             progress=False, weak_set=weak)
+        assert math.isfinite(result.history[0]["train_loss"])
+        return load_checkpoint(result.last_checkpoint)["model"]
+
+    taught, ignored, unmasked = (weights(m or "none", _weak_set(cfg, masks=m)) for m in ("taught", "ignored", None))
+    assert all(torch.equal(ignored[k], unmasked[k]) for k in unmasked)  # all-ignored masks: the wafer loss alone
+    assert any(not torch.equal(taught[k], unmasked[k]) for k in unmasked)  # so the masks' cross-entropy taught it

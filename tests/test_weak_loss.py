@@ -216,6 +216,51 @@ def test_endless_batches_keep_going_are_seeded_and_match_their_wafers() -> None:
     assert len({tuple(o) for o in orders}) > 1
 
 
+def _masked_table(labels: list[str], masked: list[bool]):
+    """``_weak_table`` with a pseudo-mask on the rows ``masked`` says: on wafer i, fail dies taught its
+    first labelled pattern (background for None/Random), the last fail die ignored."""
+    from fcn_core.weak import IGNORE_LABEL
+
+    table = _weak_table(labels)
+    masks = []
+    for i, (die, pats, has) in enumerate(zip(_die_maps(table), PATTERNS, masked)):
+        mask = np.where(die == FAIL, min(pats, default=0), 0).astype(np.uint8)
+        mask.flat[i + 1] = IGNORE_LABEL  # _die(i + 1): fail dies sit at flat 1 .. i + 1
+        masks.append(mask if has else None)
+    return make_table(wafer_ids=table.column("wafer_id").to_pylist(), die_maps=_die_maps(table), label_maps=masks,
+                      wafer_labels=labels)
+
+
+def _die_maps(table):
+    from fcn_core.table import die_maps
+
+    return die_maps(table)
+
+
+def test_a_weak_set_with_pseudo_masks_carries_them_as_targets_on_fail_dies_only() -> None:
+    ws = WeakSet.from_table(_masked_table(LABELS, [True] * len(LABELS)), CLASSES)
+    assert ws.has_masks and not WeakSet.from_table(_weak_table(LABELS), CLASSES).has_masks
+    seen = set()
+    for batch, allowed, present in itertools.islice(ws.endless_batches(batch_size=3, seed=0, multiple=8,
+                                                                       augment=False), 3):
+        assert batch.target is not None and batch.target.shape == batch.die.shape
+        for j in range(len(batch.sizes)):
+            wafer = int((batch.die[j] == FAIL).sum()) - 1
+            seen.add(wafer)
+            fail = batch.die[j] == FAIL
+            taught = batch.target[j][fail]
+            assert (batch.target[j][~fail] == IGNORE_INDEX).all()  # pass dies, no die, padding: never taught
+            assert int((taught == IGNORE_INDEX).sum()) == 1  # the one uncertain die
+            assert set(taught[taught != IGNORE_INDEX].tolist()) <= {min(PATTERNS[wafer], default=0)}
+            assert bool(allowed[j, taught[taught != IGNORE_INDEX]].all())  # masks stay inside the label
+    assert seen == set(range(len(LABELS)))
+
+
+def test_a_weak_set_refuses_pseudo_masks_on_some_rows_only() -> None:
+    with pytest.raises(ValueError, match="2 of 7 rows have a label_map: all or none"):
+        WeakSet.from_table(_masked_table(LABELS, [True, False, True, False, False, False, False]), CLASSES)
+
+
 def test_an_empty_weak_set_says_so() -> None:
     ws = WeakSet.from_table(_weak_table(["Scratch"]).slice(0, 0), CLASSES)
     with pytest.raises(ValueError, match="no real maps"):
