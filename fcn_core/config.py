@@ -259,6 +259,10 @@ class VerdictConfig(_Strict):
         default_factory=dict,
         description="shape rule: a pattern's fail dies count only in 8-connected groups at least this elongated "
                     "(fcn_core.shapes; 'scratch: 4' = a scratch is a line of 4+ dies); the others become background")
+    dies_follow_patterns: bool = Field(
+        True, description="a fail die keeps a pattern only when the wafer's verdict finds that pattern (the "
+                          "patterns column); the dies of a pattern too small to count become background, so maps, "
+                          "dies_* columns and verdicts agree")
     calibrated_on: str | None = Field(
         None, description="set by fine-tuning: thresholds chosen for best macro-F1 on these real maps")
 

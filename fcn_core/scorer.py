@@ -33,8 +33,12 @@ from fcn_core.inference.fastpath import fast_module
 from fcn_core.verdicts import (
     WaferVerdicts,
     calibrate_verdict,
-    calibrate_verdict_multilabel, calibrate_verdict_joint,
+    calibrate_verdict_joint,
+    calibrate_verdict_multilabel,
+    clear_absent_patterns,
     count_fail_dies,
+    follow_patterns,
+    kept_classes,
     shaped_maps,
     verdicts_from_counts,
 )
@@ -126,9 +130,14 @@ class Scorer:
         return maps.unpack(self.predict_packed(maps, **speed))
 
     def shaped_maps(self, pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *,
-                    inplace: bool = False) -> list[np.ndarray]:
-        """The maps after the verdict's shape rules: what the products show and count."""
-        return shaped_maps(pred_maps, die_maps, class_names=self.class_names, verdict=self.verdict, inplace=inplace)
+                    inplace: bool = False, follow: bool = True) -> list[np.ndarray]:
+        """The maps after the verdict's shape rules and (``follow``) with the patterns each wafer's
+        verdict does not find set to background: what the products show and count. Calibration
+        reads them with ``follow=False``: the thresholds it tries decide which patterns stay."""
+        shaped = shaped_maps(pred_maps, die_maps, class_names=self.class_names, verdict=self.verdict, inplace=inplace)
+        if not follow:
+            return shaped
+        return follow_patterns(shaped, die_maps, class_names=self.class_names, verdict=self.verdict, inplace=inplace)
 
     def fail_die_counts(self, pred_maps: Sequence[np.ndarray], die_maps: Sequence[np.ndarray], *,
                         shaped: bool = False) -> np.ndarray:
@@ -152,9 +161,11 @@ class Scorer:
         maps = packed.packed_column(table, "die_map")
         labels = self.predict_packed(maps, **speed)
         if self.verdict.min_elongation_by_class:
-            self.shaped_maps(maps.unpack(labels), maps.unpack(), inplace=True)
+            self.shaped_maps(maps.unpack(labels), maps.unpack(), inplace=True, follow=False)
         dies = count_fail_dies(labels, maps.data, n_classes=self.n_classes, sizes=maps.sizes)
         verdicts = verdicts_from_counts(dies, class_names=self.class_names, verdict=self.verdict)
+        clear_absent_patterns(labels, kept_classes(dies, class_names=self.class_names, verdict=self.verdict),
+                              sizes=maps.sizes)  # pred_map as the dies_* columns count it
         return products.predictions_table(table, maps, labels, verdicts, class_names=self.class_names,
                                           model_name=model_name, model_version=model_version, extra=extra)
 
@@ -168,12 +179,12 @@ class Scorer:
         :func:`fcn_core.verdicts.calibrate_verdict_multilabel`). Calibrate on maps the score will
         not be reported on (``fcn_core.real_split``'s calibration part).
         """
-        preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True)
+        preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True, follow=False)
         fit = calibrate_verdict_multilabel if multilabel else calibrate_verdict
         verdict, f1 = fit(self.fail_die_counts(preds, die_maps, shaped=True), dataset_labels,
                           class_names=self.class_names, source=source,
                           min_elongation_by_class=self.verdict.min_elongation_by_class)
-        return self.with_verdict(verdict), f1
+        return self._with_fitted(verdict), f1
 
     def calibrated_joint(self, single: tuple[Sequence[np.ndarray], Sequence[str | None]],
                          mixed: tuple[Sequence[np.ndarray], Sequence[str | None]], *, source: str,
@@ -183,12 +194,16 @@ class Scorer:
         (:func:`fcn_core.verdicts.calibrate_verdict_joint`); the objective is the mean macro-F1."""
         counts = []
         for die_maps, _ in (single, mixed):
-            preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True)
+            preds = self.shaped_maps(self.predict_maps(die_maps, **speed), die_maps, inplace=True, follow=False)
             counts.append(self.fail_die_counts(preds, die_maps, shaped=True))
         verdict, f1 = calibrate_verdict_joint((counts[0], single[1]), (counts[1], mixed[1]),
                                               class_names=self.class_names, source=source,
                                               min_elongation_by_class=self.verdict.min_elongation_by_class)
-        return self.with_verdict(verdict), f1
+        return self._with_fitted(verdict), f1
+
+    def _with_fitted(self, fitted: VerdictConfig) -> Scorer:
+        """This scorer with fitted thresholds; the rules calibration does not search stay as they were."""
+        return self.with_verdict(fitted.model_copy(update={"dies_follow_patterns": self.verdict.dies_follow_patterns}))
 
     # -- bundles ------------------------------------------------------------------------------
     def to_bundle(self) -> dict[str, Any]:

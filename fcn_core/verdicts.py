@@ -168,6 +168,8 @@ def verdicts_from_counts(dies: np.ndarray, *, class_names: Sequence[str], verdic
     patterns = dies[:, 1:]
     share = patterns / np.maximum(fail, 1)[:, None]
     present = _present(patterns, share, class_names=class_names, verdict=verdict)
+    if verdict.dies_follow_patterns:  # the dies of absent patterns count as background (same verdicts)
+        dies = _kept_dies(dies, present)
 
     # rank present patterns by dies (absent ones last); the stable sort keeps lower ids first on ties
     order = np.argsort(-np.where(present, patterns, -1), axis=1, kind="stable")
@@ -187,6 +189,37 @@ def _present(patterns: np.ndarray, share: np.ndarray, *, class_names: Sequence[s
     """(N, n_patterns) bool: the pattern has at least its min_dies dies and min_share of the fail dies."""
     min_dies, min_share = verdict.thresholds(list(class_names[1:]))  # per pattern, overrides applied
     return (patterns >= np.asarray(min_dies)) & (share >= np.asarray(min_share))
+
+
+def _kept_dies(dies: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The (N, n_classes) counts with every absent pattern's dies moved to background."""
+    absent = ~present
+    kept = dies.copy()
+    kept[:, 0] += (dies[:, 1:] * absent).sum(axis=1)
+    kept[:, 1:][absent] = 0
+    return kept
+
+
+def kept_classes(dies: np.ndarray, *, class_names: Sequence[str], verdict: VerdictConfig) -> np.ndarray:
+    """(N, n_classes) bool: the classes a wafer's fail dies may keep; background always, a pattern when
+    the verdict finds it on that wafer (all of them unless ``verdict.dies_follow_patterns``)."""
+    dies = np.asarray(dies, dtype=np.int64)
+    keep = np.ones(dies.shape, dtype=bool)
+    if verdict.dies_follow_patterns and len(dies):
+        patterns = dies[:, 1:]
+        keep[:, 1:] = _present(patterns, patterns / np.maximum(dies.sum(axis=1), 1)[:, None],
+                               class_names=class_names, verdict=verdict)
+    return keep
+
+
+def clear_absent_patterns(labels: np.ndarray, keep: np.ndarray, *, sizes: np.ndarray) -> None:
+    """Set to background, in place, every die of a flat label buffer (maps one after the other,
+    ``sizes`` dies each) whose class its wafer may not keep (``keep``: :func:`kept_classes`)."""
+    if keep.all():
+        return
+    labelled = np.flatnonzero(labels)
+    owner = np.searchsorted(np.cumsum(sizes), labelled, side="right")
+    labels[labelled[~keep[owner, labels[labelled]]]] = 0
 
 
 def patterns_strings(present: np.ndarray, pattern_names: Sequence[str]) -> list[str]:
@@ -266,6 +299,29 @@ def shaped_maps(
     if not rules:
         return list(pred_maps)
     return [apply_min_elongation(p, d, rules, inplace=inplace) for p, d in zip(pred_maps, die_maps)]
+
+
+def follow_patterns(
+    pred_maps: Sequence[np.ndarray],
+    die_maps: Sequence[np.ndarray],
+    *,
+    class_names: Sequence[str],
+    verdict: VerdictConfig,
+    inplace: bool = False,
+) -> list[np.ndarray]:
+    """The (shaped) prediction maps with every pattern the wafer's verdict does not find set to
+    background (``verdict.dies_follow_patterns``), so a map shows what its ``patterns`` says."""
+    if not verdict.dies_follow_patterns:
+        return list(pred_maps)
+    keep = kept_classes(count_fail_dies(pred_maps, die_maps, n_classes=len(class_names)),
+                        class_names=class_names, verdict=verdict)
+    out = []
+    for pred, allowed in zip(pred_maps, keep):
+        if not allowed.all():
+            pred = pred if inplace else pred.copy()
+            pred[~allowed[pred]] = 0
+        out.append(pred)
+    return out
 
 
 def wafer_verdicts(

@@ -1,4 +1,6 @@
 """fcn_core.inference.products: the predictions table, built through Scorer.score_table."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -59,8 +61,9 @@ def test_score_table_pred_map_matches_predict_maps_on_a_slice(table):
     m = _confident_model()
     preds = predict_maps(m, die_maps(part))
     every = {"ring": 4.0, "scratch": 4.0, "local zone": 4.0, "circle": 4.0}
-    for rules in ({}, {"scratch": 4.0}, every):
-        cfg = load_config("tiny", {"verdict.min_elongation_by_class": rules})
+    cleared = 0
+    for rules, follow in itertools.product(({}, {"scratch": 4.0}, every), (False, True)):
+        cfg = load_config("tiny", {"verdict.min_elongation_by_class": rules, "verdict.dies_follow_patterns": follow})
         scorer = Scorer(m, cfg.verdict, cfg)
         out = scorer.score_table(part, model_name="m", model_version="1")
         # pred_map is what the dies_* columns count: the network's map after the shape rules
@@ -75,7 +78,15 @@ def test_score_table_pred_map_matches_predict_maps_on_a_slice(table):
         verdicts = scorer.verdicts(preds, die_maps(part))
         assert out.column("dominant_pattern").to_pylist() == verdicts.dominant_pattern
         changed = sum(not np.array_equal(a, b) for a, b in zip(shaped, preds))
-        assert (changed > 0) == bool(rules)  # the rules did act on this model's maps
+        if not follow:
+            assert (changed > 0) == bool(rules)  # the rules did act on this model's maps
+            continue
+        # dies follow patterns: a map shows only the patterns its wafer's verdict finds
+        for pred, present in zip(shaped, out.column("patterns").to_pylist()):
+            assert {cfg.class_names[c] for c in np.unique(pred)} - {"background"} <= set(present.split("+"))
+        unfollowed = scorer.shaped_maps(preds, die_maps(part), follow=False)
+        cleared += sum(not np.array_equal(a, b) for a, b in zip(shaped, unfollowed))
+    assert cleared > 0  # some wafer had dies of a pattern its verdict does not find
 
 
 def test_a_class_named_local_zone_gets_the_same_column_in_every_table(table):

@@ -8,6 +8,10 @@ change of any predicted die, count, verdict or column of the predictions table f
 ``GOLDEN`` was re-recorded when the ``patterns`` column (the multi-label verdict, issue #13) was
 added to the predictions table. Every pre-existing column is unchanged: the table without
 ``patterns`` must still hash to ``GOLDEN_BEFORE_PATTERNS``, the hashes recorded before that column.
+
+Dies follow patterns (``verdict.dies_follow_patterns``, issue #13) changes ``pred_map`` and the
+``dies_*`` columns on purpose, so the hashes are checked with it off, and the table with it on
+must be exactly that table with the absent patterns' dies made background.
 """
 
 from __future__ import annotations
@@ -61,10 +65,11 @@ def golden_model() -> torch.nn.Module:
     return model.eval()
 
 
-def score(bf16: bool, verdict_name: str) -> pa.Table:
+def score(bf16: bool, verdict_name: str, *, follow: bool = False) -> pa.Table:
     cfg = load_config("tiny")
     night = pq.read_table(DATA / "golden_night.parquet")
-    verdict = cfg.verdict if verdict_name == "config" else CALIBRATED
+    verdict = (cfg.verdict if verdict_name == "config" else CALIBRATED).model_copy(
+        update={"dies_follow_patterns": follow})
     from fcn_core.scorer import Scorer
 
     return Scorer(golden_model(), verdict, cfg).score_table(night, model_name="golden", model_version="1", bf16=bf16)
@@ -77,3 +82,24 @@ def test_night_scores_byte_identical(bf16, verdict_name):
     assert len(np.unique(labels)) >= 3, "the golden model must paint several patterns to be a real check"
     assert table_digest(out.drop_columns(["patterns"])) == GOLDEN_BEFORE_PATTERNS[(bf16, verdict_name)]
     assert table_digest(out) == GOLDEN[(bf16, verdict_name)]
+
+
+@pytest.mark.parametrize("verdict_name", ["config", "calibrated"])
+def test_following_patterns_only_clears_the_dies_of_absent_patterns(verdict_name):
+    before, after = score(False, verdict_name), score(False, verdict_name, follow=True)
+    names = load_config("tiny").class_names
+    dies_columns = [f"dies_{n.replace(' ', '_')}" for n in names[1:]]
+    same = [c for c in before.column_names if c not in {"pred_map", *dies_columns}]
+    assert after.select(same).equals(before.select(same))  # verdicts, yield, ids: unchanged
+    cleared = 0
+    for i, patterns in enumerate(before.column("patterns").to_pylist()):
+        present = {0} | {k for k, n in enumerate(names) if k and n in patterns.split("+")}
+        old = np.frombuffer(before.column("pred_map")[i].as_py(), np.uint8)
+        new = np.frombuffer(after.column("pred_map")[i].as_py(), np.uint8)
+        assert np.array_equal(new, np.where(np.isin(old, sorted(present)), old, 0))
+        cleared += int((new != old).sum())
+        for k, column in enumerate(dies_columns, start=1):
+            want = before.column(column)[i].as_py() if k in present else 0
+            assert after.column(column)[i].as_py() == want
+    assert cleared > 0  # the golden night has dies of patterns too small to count
+

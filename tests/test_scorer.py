@@ -131,6 +131,20 @@ def test_scorer_from_checkpoint_uses_its_config_or_the_given_rules(cfg, tmp_path
         assert torch.equal(a, b)
 
 
+def test_calibration_reads_every_pattern_and_keeps_dies_follow_patterns(cfg, table):
+    """Thresholds are fitted to the maps before any pattern is cleared: a scorer whose own thresholds
+    would clear every pattern (min_dies 10,000) fits the same ones as a scorer that clears nothing."""
+    names = {"none": "None", "ring": "Edge-Ring", "scratch": "Scratch", "local zone": "Loc", "circle": "Center"}
+    labels = [names.get(x) for x in table.column("wafer_label").to_pylist()]
+    fits = {}
+    for follow in (True, False):
+        rules = cfg.verdict.model_copy(update={"min_dies": 10_000, "dies_follow_patterns": follow})
+        calibrated, f1 = Scorer(_model(cfg), rules, cfg).calibrated(die_maps(table), labels, source="part")
+        assert calibrated.verdict.dies_follow_patterns == follow  # not searched: kept as it was
+        fits[follow] = (calibrated.verdict.model_dump(exclude={"dies_follow_patterns"}), f1)
+    assert fits[True] == fits[False] and fits[True][1] > 0.2
+
+
 def test_calibrated_joint_fits_one_set_of_thresholds_to_both_kinds_of_wafer(cfg, table):
     from fcn_core.verdicts import multilabel_scores, real_eval_report, verdict_labels
 

@@ -10,6 +10,10 @@ import pytest
 from fcn_core.config import DEFAULT_CLASSES, VerdictConfig
 from fcn_core.verdicts import (
     LABEL_MAP,
+    clear_absent_patterns,
+    follow_patterns,
+    kept_classes,
+    verdicts_from_counts,
     UNLABELLED,
     calibrate_verdict,
     calibrate_verdict_joint,
@@ -95,9 +99,12 @@ def test_wafer_verdicts_count_only_fail_dies() -> None:
                      [2, 1, 1, 0],
                      [4, 3, 3, 4]], dtype=np.uint8)
     empty = np.zeros((2, 2), np.uint8)
+    raw = wafer_verdicts([pred, empty], [die, np.ones((2, 2), np.uint8)], class_names=CLASSES,
+                         verdict=VerdictConfig(min_dies=2, min_share=0.3, dies_follow_patterns=False))
+    assert raw.dies.tolist() == [[1, 4, 0, 1, 0], [0, 0, 0, 0, 0]]
     v = wafer_verdicts([pred, empty], [die, np.ones((2, 2), np.uint8)], class_names=CLASSES,
                        verdict=VerdictConfig(min_dies=2, min_share=0.3))
-    assert v.dies.tolist() == [[1, 4, 0, 1, 0], [0, 0, 0, 0, 0]]
+    assert v.dies.tolist() == [[2, 4, 0, 0, 0], [0, 0, 0, 0, 0]]  # one local-zone die is no local zone
     assert v.fail_dies.tolist() == [6, 0]
     assert v.dominant_pattern == ["ring", "none"]
     assert v.to_pandas().columns.tolist() == [
@@ -524,3 +531,37 @@ def test_joint_calibration_score_is_the_mean_of_both_scores_at_its_thresholds() 
     for md in (3, 8, 20):
         shared = VerdictConfig(min_dies=md, min_share=0.05)
         assert f1 >= _joint_objective(shared, single, mixed) - 1e-12
+
+
+# -- dies follow patterns: a map shows only the patterns its wafer's verdict finds ----------------------
+def test_follow_patterns_clears_the_dies_of_patterns_too_small_to_count() -> None:
+    die = np.full((4, 5), 2, np.uint8)
+    die[3, 4] = 1  # a pass die
+    pred = np.array([[1, 1, 1, 1, 0],   # ring: 4 dies (counts at min_dies 3)
+                     [2, 2, 0, 0, 0],   # scratch: 2 dies (does not)
+                     [3, 0, 0, 0, 0],   # local zone: 1 die (does not)
+                     [4, 4, 4, 4, 4]], np.uint8)  # circle: 4 fail dies (and one prediction on the pass die)
+    quiet = np.zeros((3, 3), np.uint8)
+    verdict = VerdictConfig(min_dies=3, min_share=0.0)
+    maps, dies = [pred, quiet], [die, np.full((3, 3), 2, np.uint8)]
+    followed = follow_patterns(maps, dies, class_names=CLASSES, verdict=verdict)
+    want = np.where(np.isin(pred, [2, 3]), 0, pred)
+    assert np.array_equal(followed[0], want) and np.array_equal(followed[1], quiet)
+    assert np.array_equal(pred[1, :2], [2, 2])  # not in place unless asked
+    # the same on the flat buffer the predictions table is built from
+    keep = kept_classes(count_fail_dies(maps, dies, n_classes=len(CLASSES)), class_names=CLASSES, verdict=verdict)
+    assert keep.tolist() == [[True, True, False, False, True], [True, False, False, False, False]]
+    flat = np.concatenate([m.ravel() for m in maps])
+    clear_absent_patterns(flat, keep, sizes=np.array([pred.size, quiet.size]))
+    assert np.array_equal(flat, np.concatenate([want.ravel(), quiet.ravel()]))
+    # the verdicts are the same either way, and their dies_* count what the followed map shows
+    raw = count_fail_dies(maps, dies, n_classes=len(CLASSES))
+    v = verdicts_from_counts(raw, class_names=CLASSES, verdict=verdict)
+    assert v.patterns == ["ring+circle", "none"]
+    assert v.dies.tolist() == count_fail_dies(followed, dies, n_classes=len(CLASSES)).tolist() == [[11, 4, 0, 0, 4], [9, 0, 0, 0, 0]]
+    assert verdicts_from_counts(v.dies, class_names=CLASSES, verdict=verdict).patterns == v.patterns
+    # switched off: maps and counts as the network and the shape rules left them
+    off = verdict.model_copy(update={"dies_follow_patterns": False})
+    assert np.array_equal(follow_patterns(maps, dies, class_names=CLASSES, verdict=off)[0], pred)
+    assert verdicts_from_counts(raw, class_names=CLASSES, verdict=off).dies.tolist() == raw.tolist()
+
