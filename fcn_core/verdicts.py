@@ -420,16 +420,36 @@ def calibrate_verdict_joint(
 
 def _single_label_objective(dies: np.ndarray, dataset_labels: Sequence[str | None],
                             class_names: Sequence[str]) -> Callable[[VerdictConfig], float]:
-    """Thresholds -> macro-F1 of ``dominant_pattern`` against one-pattern dataset labels."""
+    """Thresholds -> macro-F1 of ``dominant_pattern`` against one-pattern dataset labels: the same
+    figure as :func:`verdict_scores` of :func:`verdicts_from_counts`, in numpy (the search calls it
+    hundreds of times)."""
     labels = verdict_labels(class_names)
     mapped = [map_dataset_label(x) for x in dataset_labels]
     keep = [i for i, m in enumerate(mapped) if m is not None]  # as real_eval_report scores them
-    true, kept_dies = [mapped[i] for i in keep], np.asarray(dies)[keep]
+    unknown = sorted({mapped[i] for i in keep} - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among {labels}")
+    true = np.array([labels.index(mapped[i]) for i in keep], np.int64)  # 0 none, k pattern class k
+    kept = np.asarray(dies, dtype=np.int64)[keep]
+    patterns = kept[:, 1:]
+    share = patterns / np.maximum(kept.sum(axis=1), 1)[:, None]
+    k = len(labels)
 
     def macro_f1(candidate: VerdictConfig) -> float:
-        verdicts = verdicts_from_counts(kept_dies, class_names=class_names, verdict=candidate)
-        return verdict_scores(true, verdicts.dominant_pattern, labels=labels)["macro_f1"]
+        present = _present(patterns, share, class_names=class_names, verdict=candidate)
+        # the dominant pattern: most dies among the present ones, ties to the lower class id
+        dominant = np.argmax(np.where(present, patterns, -1), axis=1) + 1
+        pred = np.where(present.any(axis=1), dominant, 0)
+        return _macro_f1(np.bincount(true * k + pred, minlength=k * k).reshape(k, k))
     return macro_f1
+
+
+def _macro_f1(confusion: np.ndarray) -> float:
+    """Mean over labels of F1 = 2 tp / (2 tp + fp + fn), 0 where that is 0 / 0 (as sklearn's
+    ``zero_division=0``); rows are true labels, columns verdicts."""
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)  # (tp + fp) + (tp + fn)
+    return float(np.mean(np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)))
 
 
 def _multilabel_objective(dies: np.ndarray, dataset_labels: Sequence[str | None],

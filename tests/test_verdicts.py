@@ -13,7 +13,6 @@ from fcn_core.verdicts import (
     clear_absent_patterns,
     follow_patterns,
     kept_classes,
-    verdicts_from_counts,
     UNLABELLED,
     calibrate_verdict,
     calibrate_verdict_joint,
@@ -235,21 +234,27 @@ def test_sklearn_scores_are_the_hand_written_ones() -> None:
     assert verdict_scores([], [], labels=LABELS)["macro_f1"] == 0.0
 
 
-def test_calibration_chooses_as_with_the_hand_written_scores(monkeypatch) -> None:
-    import fcn_core.verdicts as verdicts
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_the_calibration_objective_is_the_macro_f1_of_the_verdicts(seed: int) -> None:
+    """The search scores candidates in numpy; each score must be what the verdicts themselves score
+    (verdicts_from_counts, then sklearn's and the hand-written macro-F1), ties and empty labels included."""
+    from fcn_core.verdicts import _single_label_objective
 
-    rng = np.random.default_rng(5)
-    dies = rng.integers(0, 25, size=(120, len(CLASSES)))
-    labels = rng.choice(["None", "Edge-Ring", "Scratch", "Loc", "Center", "Near-full"], 120).tolist()
-    now = calibrate_verdict(dies, labels, class_names=CLASSES, source="s")
-
-    def reference(true, pred, *, labels):
-        s = _hand_written_scores(list(true), list(pred), list(labels))
-        return {"macro_f1": float(s["f1"].mean())}
-
-    monkeypatch.setattr(verdicts, "verdict_scores", reference)
-    before = calibrate_verdict(dies, labels, class_names=CLASSES, source="s")
-    assert now[0] == before[0] and now[1] == pytest.approx(before[1], rel=1e-15)
+    rng = np.random.default_rng(seed)
+    dies = rng.integers(0, 12, size=(150, len(CLASSES)))  # small counts: many ties between patterns
+    dies[:10, 1:] = 0  # wafers without pattern dies
+    labels = rng.choice(["None", "Edge-Ring", "Scratch", "Loc", "Center", "Near-full", "Random"], 150).tolist()
+    labels[3] = None  # unlabelled: left out, like Near-full
+    objective = _single_label_objective(dies, labels, CLASSES)
+    keep = [i for i, x in enumerate(labels) if map_dataset_label(x) is not None]
+    true = [map_dataset_label(labels[i]) for i in keep]
+    for md, ms in [(1, 0.0), (3, 0.05), (5, 0.1), (8, 0.2), (20, 0.5), (40, 0.9)]:
+        by_class = {name: int(rng.integers(1, 10)) for name in CLASSES[1:] if rng.random() < 0.5}
+        candidate = VerdictConfig(min_dies=md, min_share=ms, min_dies_by_class=by_class)
+        pred = verdicts_from_counts(dies[keep], class_names=CLASSES, verdict=candidate).dominant_pattern
+        want = verdict_scores(true, pred, labels=LABELS)["macro_f1"]
+        assert objective(candidate) == pytest.approx(want, rel=1e-12, abs=1e-15)
+        assert want == pytest.approx(float(_hand_written_scores(true, pred, LABELS)["f1"].mean()), rel=1e-12)
 
 
 def test_verdict_scores_perfect_and_unseen_label() -> None:
