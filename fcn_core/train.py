@@ -192,6 +192,25 @@ def _rank_batches(cfg: Config, wafers: WaferSet, batch_size: int, seed: int,
         yield idx, batch
 
 
+def stage_logits(net: nn.Module, x: torch.Tensor, real_x: torch.Tensor | None, *,
+                 one_pass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores of the synthetic batch ``x`` and of the real batch ``real_x`` (None: no real maps).
+
+    One process: two passes, each batch at its own padded shape, as it will be scored (a 32 x 32
+    synthetic batch beside 64 x 64 real maps is not padded to 64 x 64: a quarter of the work).
+    ``one_pass`` (DDP, which wants one forward per step): both padded to one shape by
+    :func:`joint_input`, each part cropped back to its own shape."""
+    if real_x is None or not one_pass:
+        with autocast_for(x.device):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+            real_logits = None if real_x is None else net(real_x.contiguous(memory_format=torch.channels_last))
+        return logits, real_logits
+    with autocast_for(x.device):
+        logits = net(joint_input(x, real_x).contiguous(memory_format=torch.channels_last))
+    n, (h, w), (rh, rw) = len(x), x.shape[-2:], real_x.shape[-2:]
+    return logits[:n, :, :h, :w], logits[n:, :, :rh, :rw]
+
+
 def joint_input(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Two one-hot batches (N, 3, H, W) stacked into one, each padded to the larger height and width
     with 'no die' (channel 0), as collate pads; a model's scores on each map's own cells keep their
@@ -265,7 +284,7 @@ def train_stage(
     ``weak_set``: real maps with wafer-level labels, trained jointly (``weak_labels: wafer_labels``
     or ``both``): every step adds one batch of them under ``fcn_core.weak_loss.weak_map_loss`` (plus,
     when the set carries pseudo-masks, the die cross-entropy on them), weighted by
-    ``train.finetune.real_weight``, to the synthetic batch's die-level loss, in one forward pass.
+    ``train.finetune.real_weight``, to the synthetic batch's die-level loss (:func:`stage_logits`).
 
     With ``resume`` an interrupted stage continues from ``last.pt`` (model, optimiser, schedule,
     RNG and history); the best epoch by validation mean IU on fail dies is kept in ``best.pt`` (for
@@ -335,18 +354,13 @@ def train_stage(
                 x = batch.x.to(device, non_blocking=True)
                 target = target.to(device, non_blocking=True)
                 real = None if real_batches is None else next(real_batches)
-                if real is not None:  # one forward over both: maps padded to one shape (DDP wants one pass)
-                    x = joint_input(x, real[0].x.to(device, non_blocking=True))
-                with autocast_for(device):
-                    logits = net(x.contiguous(memory_format=torch.channels_last))
-                n_synthetic, (h, w) = len(target), target.shape[-2:]
-                loss = loss_fn(logits[:n_synthetic, :, :h, :w].float(), target)
+                real_x = None if real is None else real[0].x.to(device, non_blocking=True)
+                logits, real_logits = stage_logits(net, x, real_x, one_pass=info.world_size > 1)
+                loss = loss_fn(logits.float(), target)
                 if info.world_size > 1:  # an all-ignored shard (NaN loss) must still join the step
                     loss = torch.where(torch.isfinite(loss), loss, logits.sum() * 0.0)
                 if real is not None:
                     real_batch, allowed, present = real
-                    rh, rw = real_batch.die.shape[-2:]
-                    real_logits = logits[n_synthetic:, :, :rh, :rw]
                     real_loss = weak_map_loss(
                         real_logits, real_batch.die.to(device), allowed.to(device), present.to(device),
                         top_k=cfg.train.finetune.presence_top_k, presence_weight=cfg.train.finetune.presence_weight)

@@ -185,6 +185,26 @@ def test_joint_input_pads_both_batches_with_no_die_and_keeps_their_content_top_l
     assert torch.equal(joint_input(small, tall)[:2, :, :8, :8], small)
 
 
+def test_stage_logits_score_each_batch_at_its_own_shape_unless_one_pass_is_asked():
+    from fcn_core.padding import collate
+    from fcn_core.train import joint_input, stage_logits
+
+    cfg = load_config("tiny")
+    net = build_stage_model(cfg, "fcn8s", None).eval()
+    rng = np.random.default_rng(0)
+    x = collate([rng.integers(0, 3, (20, 25)).astype(np.uint8)] * 2, None, multiple=32).x  # (2, 3, 32, 32)
+    real = collate([rng.integers(0, 3, (50, 40)).astype(np.uint8)] * 3, None, multiple=32).x  # (3, 3, 64, 64)
+    with torch.no_grad():
+        logits, real_logits = stage_logits(net, x, real, one_pass=False)
+        close = dict(rtol=1e-4, atol=1e-5)  # channels_last kernels round differently
+        assert torch.allclose(logits, net(x), **close) and torch.allclose(real_logits, net(real), **close)
+        assert stage_logits(net, x, None, one_pass=True)[1] is None
+        logits, real_logits = stage_logits(net, x, real, one_pass=True)  # DDP: one forward over both
+        joint = net(joint_input(x, real))
+    assert logits.shape == (2, cfg.n_classes, 32, 32) and real_logits.shape == (3, cfg.n_classes, 64, 64)
+    assert torch.allclose(logits, joint[:2, :, :32, :32], **close) and torch.allclose(real_logits, joint[2:], **close)
+
+
 def _weak_set(cfg, *, fails: bool = True, masks: str | None = None):
     """Seven real-like maps with dataset labels (mixes too); ``fails=False``: the same maps, sizes and
     labels with every fail die made a pass die, so the weak loss is zero and teaches nothing.
