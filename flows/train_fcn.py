@@ -147,10 +147,11 @@ def train_stages(cfg: Config, *, client, parent: str, paths: dict[str, str],
             weak_path = paths.get("weak_train") if joint else None
             if stage == FINETUNE and weak_labels == "pseudo_masks":  # masks from the model before it
                 pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["real_train"],
-                                  synthetic_path=paths["train"], dest=paths["finetune_train"])
+                                  synthetic_path=paths["train"], dest=paths["finetune_train"], stage_run_id=stage_run)
             if joint and weak_labels == "both":  # the real half also taught the previous model's masks
                 weak_path = str(run_dir / "data" / "weak_train_masked.parquet")
-                pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["weak_train"], dest=weak_path)
+                pseudo_label_task(cfg=cfg, checkpoint=init, real_train_path=paths["weak_train"], dest=weak_path,
+                                  stage_run_id=stage_run)
             train_path = paths["finetune_train"] if stage == FINETUNE and not joint else paths["train"]
             outcome = train_stage_task(
                 cfg=cfg, stage=stage, train_path=train_path, val_path=paths["val"],

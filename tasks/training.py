@@ -155,7 +155,7 @@ def _write_finetune_set(cfg: Config, weak: pa.Table, synthetic_path: str, dest: 
 
 @task(name="pseudo-masks", cache_policy=NO_CACHE)
 def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, dest: str,
-                      synthetic_path: str | None = None) -> dict[str, int]:
+                      synthetic_path: str | None = None, stage_run_id: str | None = None) -> dict[str, int]:
     """Pseudo-masks from the model before the fine-tuning stage: its confident dies on the real
     training maps, restricted to each wafer's labelled patterns (``fcn_core.weak.pseudo_mask_table``);
     uncertain dies are ignored by the loss.
@@ -163,7 +163,8 @@ def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, des
     ``weak_labels=pseudo_masks``: ``real_train_path`` is every real training map (capped here per
     pattern set) and ``dest`` the fine-tune file, with the synthetic split at ``synthetic_path``.
     ``weak_labels=both``: ``real_train_path`` is the joint stage's real half (``weak_train``, already
-    picked), written to ``dest`` with its masks and nothing else."""
+    picked), written to ``dest`` with its masks and nothing else. ``stage_run_id``: the stage's MLflow
+    run gets the counts (``pseudo_maps``, ``pseudo_dies_background`` / ``_pattern`` / ``_ignored``)."""
     ft = cfg.train.finetune
     device = resolve_device(cfg.train.device)
     scorer = scorer_from_checkpoint(checkpoint, device=device)
@@ -180,6 +181,10 @@ def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, des
     get_run_logger().info("pseudo-masks: %d real maps %s (dropped %s; fail dies %s)%s", counts["weak"], report.kept,
                           report.dropped or "none", report.dies,
                           f", plus {counts['synthetic']} synthetic" if synthetic_path else "")
+    if stage_run_id is not None:
+        client = _store(cfg)
+        for key, value in {"maps": counts["weak"], **{f"dies_{k}": v for k, v in report.dies.items()}}.items():
+            client.log_metric(stage_run_id, f"pseudo_{key}", float(value))
     return {**counts, **{f"dies_{k}": v for k, v in report.dies.items()}}
 
 

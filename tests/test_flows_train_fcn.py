@@ -303,7 +303,10 @@ def test_weak_label_fine_tuning_trains_on_real_maps_and_scores_only_the_held_out
     (tuned_run,) = store.search_runs([store.get_experiment_by_name("wafer-fcn").experiment_id],
                                      filter_string="tags.stage = 'finetune'")  # run name: its title
     assert "calibration_macro_f1" in tuned_run.data.metrics
-    assert not any(k.startswith("calibration") and k != "calibration_macro_f1" for k in tuned_run.data.metrics)
+    taught = tuned_run.data.metrics  # what the pseudo-masks taught, on the stage that learnt from them
+    assert taught["pseudo_maps"] == len(_ids_in(masked))
+    assert sum(taught[f"pseudo_dies_{k}"] for k in ("background", "pattern", "ignored")) > 0
+    assert not any(k.startswith("calibration") and k != "calibration_macro_f1" for k in taught)
     assert {"calibration.scratch.min_dies", "calibration.ring.min_share"} <= set(tuned_run.data.params)
     assert tuned_run.data.params["calibration.calibrated_on"] == calibrated_on
     parent = store.get_run(result.mlflow_run_id)

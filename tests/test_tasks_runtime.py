@@ -118,6 +118,9 @@ def test_a_dead_holders_slot_is_released_and_a_live_one_is_waited_for(prefect_ha
     # a live holder (this process): the wait is logged and Ctrl-C ends it, acquiring nothing
     live = _take_slot(name)
     recovery.record_holder(name, live)
+    # Ctrl-C as a terminal sends it, even where this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell: the wait would never end)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -126,6 +129,7 @@ def test_a_dead_holders_slot_is_released_and_a_live_one_is_waited_for(prefect_ha
                 pytest.fail("the slot was taken twice")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert len(lines) == 1 and f"waiting for a free slot of global concurrency limit {name!r}" in lines[0]
     assert f"pid {os.getpid()}" in lines[0]
     assert _active_slots(name) == 1  # still the live holder's

@@ -229,37 +229,34 @@ def _weak_set(cfg, *, fails: bool = True, masks: str | None = None):
     return WeakSet.from_table(table, cfg.class_names)
 
 
+def _one_joint_epoch(sets, out_dir, weak) -> dict[str, torch.Tensor]:
+    """The weights after one short epoch of FCN-32s with ``weak`` real maps beside the synthetic ones."""
+    result = train_stage(_joint_cfg(), stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=out_dir,
+                         progress=False, weak_set=weak)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    return load_checkpoint(result.last_checkpoint)["model"]
+
+
+def _joint_cfg():
+    return load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
+                                "train.fcn32s.batch_size": 4})
+
+
 def test_training_with_a_weak_set_runs_and_learns_from_it(sets, tmp_path):
-    cfg = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
-                               "train.fcn32s.batch_size": 4})
-
-    def weights(name, weak):
-        result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
-                             progress=False, weak_set=weak)
-        return result, load_checkpoint(result.last_checkpoint)["model"]
-
-    joint, with_weak = weights("joint", _weak_set(cfg))
-    assert len(joint.history) == 1 and math.isfinite(joint.history[0]["train_loss"])
+    cfg = _joint_cfg()
+    with_weak = _one_joint_epoch(sets, tmp_path / "joint", _weak_set(cfg))
     # the control runs the very same steps (same real maps, shapes and padding in every forward) but
     # its real maps have no fail die, so their loss is a zero: any difference is the weak loss's doing
     blank = _weak_set(cfg, fails=False)
-    _, control = weights("control", blank)
-    _, control_again = weights("control-again", blank)
+    control = _one_joint_epoch(sets, tmp_path / "control", blank)
+    control_again = _one_joint_epoch(sets, tmp_path / "control-again", blank)
     assert all(torch.equal(control[k], control_again[k]) for k in control)  # same seed, same run
     assert any(not torch.equal(with_weak[k], control[k]) for k in control)  # so the real maps taught it
 
 
 def test_pseudo_masks_on_the_real_maps_add_a_die_loss_that_teaches(sets, tmp_path):
     """weak_labels: both: the same steps with masks that teach every fail die, vs masks that ignore them all."""
-    cfg = load_config("tiny", {"train.fcn32s.epochs": 1, "train.num_threads": 2, "train.max_wafers_per_epoch": 8,
-                               "train.fcn32s.batch_size": 4})
-
-    def weights(name, weak):
-        result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
-                             progress=False, weak_set=weak)
-        assert math.isfinite(result.history[0]["train_loss"])
-        return load_checkpoint(result.last_checkpoint)["model"]
-
-    taught, ignored, unmasked = (weights(m or "none", _weak_set(cfg, masks=m)) for m in ("taught", "ignored", None))
+    taught, ignored, unmasked = (_one_joint_epoch(sets, tmp_path / (m or "none"), _weak_set(_joint_cfg(), masks=m))
+                                 for m in ("taught", "ignored", None))
     assert all(torch.equal(ignored[k], unmasked[k]) for k in unmasked)  # all-ignored masks: the wafer loss alone
     assert any(not torch.equal(taught[k], unmasked[k]) for k in unmasked)  # so the masks' cross-entropy taught it
