@@ -56,6 +56,7 @@ p.add_argument("--min-elong", type=float, default=None)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--mode", default="mil", choices=["mil", "pseudo", "both"])
 p.add_argument("--tta", default=None, choices=["flip2", "rot4", "dihedral8"])
+p.add_argument("--random-group", action="store_true", help="Random wafers capped as their own group, not with None")
 p.add_argument("--threads", type=int, default=2)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -80,7 +81,8 @@ groups = {}
 for i, s in enumerate(pats):
     if s is None or side[i] > a.max_side:
         continue
-    groups.setdefault(tuple(sorted(s)), []).append(i)
+    key = (-1,) if a.random_group and real["wafer_label"][i].as_py() == "Random" else tuple(sorted(s))
+    groups.setdefault(key, []).append(i)
 rng = np.random.default_rng(0)
 keep = []
 for key, rows in sorted(groups.items()):

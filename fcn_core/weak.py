@@ -41,6 +41,7 @@ from fcn_core.stages import NO_PATTERN
 from fcn_core.verdicts import NONE, PATTERN_SEPARATOR, UNLABELLED, dataset_label_patterns, map_dataset_label
 
 IGNORE_LABEL = IGNORE_INDEX  # label_map byte of a fail die that is never taught (internal files only)
+RANDOM_GROUP = "random"  # cap group of the wafers labelled Random (heavy random fails, no pattern)
 
 
 @dataclass
@@ -200,7 +201,7 @@ def wafer_label_table(
 ) -> tuple[pa.Table, WeakLabelReport]:
     """Rows for ``weak_labels=wafer_labels`` (``fcn_core.weak_loss``): a usable dataset label (mixes
     included; unlabelled and Near-full dropped) and at most ``max_map_side`` dies a side; at most
-    ``max_per_class`` wafers per label pattern set (seeded sample). ``label_map`` stays null: the
+    ``max_per_class`` wafers per label pattern set, Random wafers a set of their own (seeded sample). ``label_map`` stays null: the
     loss reads the wafer label, never a die label."""
     if "wafer_label" not in table.column_names:
         raise ValueError("wafer-level training needs a wafer_label column (the dataset's wafer-level label)")
@@ -221,9 +222,12 @@ def wafer_label_table(
 
 def _pattern_sets(table: pa.Table, allowed: list[set[int] | None], class_names: Sequence[str],
                   report: WeakLabelReport, *, fits: Sequence[bool] | None = None) -> dict[str, list[int]]:
-    """Row indices by label pattern set ('none', 'ring', 'local zone+ring', ...). Rows whose label is
-    unusable (``allowed`` None: unlabelled, Near-full) are counted in ``report.dropped`` by label;
-    rows with ``fits`` False are left out too (the caller says why in ``report.dropped``)."""
+    """Row indices by label pattern set ('none', 'ring', 'local zone+ring', ...), with wafers labelled
+    Random in a group of their own ('random'): dense random fails without a pattern are a condition
+    of their own, 1 in 45 of the no-pattern wafers, and drowned among the None wafers the model
+    saw too few of them to leave such maps background. Rows whose label is unusable (``allowed``
+    None: unlabelled, Near-full) are counted in ``report.dropped`` by label; rows with ``fits``
+    False are left out too (the caller says why in ``report.dropped``)."""
     labels = table.column("wafer_label").to_pylist()
     groups: dict[str, list[int]] = {}
     for i, a in enumerate(allowed):
@@ -231,7 +235,10 @@ def _pattern_sets(table: pa.Table, allowed: list[set[int] | None], class_names: 
             key = str(labels[i]) if labels[i] else UNLABELLED
             report.dropped[key] = report.dropped.get(key, 0) + 1
         elif fits is None or fits[i]:
-            groups.setdefault(PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE, []).append(i)
+            key = PATTERN_SEPARATOR.join(class_names[k] for k in sorted(a)) or NONE
+            if not a and str(labels[i]).strip().lower() == RANDOM_GROUP:
+                key = RANDOM_GROUP
+            groups.setdefault(key, []).append(i)
     return groups
 
 

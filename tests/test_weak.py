@@ -218,6 +218,20 @@ def test_wafer_label_table_caps_each_pattern_set_with_a_seeded_sample() -> None:
     assert len(seeds) > 1  # the sample depends on the seed
 
 
+def test_random_wafers_are_capped_as_a_group_of_their_own() -> None:
+    """None and Random both mean 'no pattern', but Random wafers (dense random fails) are 1 in 45 of
+    them in WM-811K: capped together, a sample of None wafers would hold almost none."""
+    labels = ["None"] * 10 + ["Random"] * 3 + ["random"] + ["Random+Scratch", "Edge-Ring"]
+    t = _sized_table(labels, [6] * len(labels))
+    for build in (lambda: wafer_label_table(t, class_names=CLASSES, max_per_class=4, seed=1),
+                  lambda: pseudo_mask_table(t, torch.nn.Conv2d(3, len(CLASSES), 1), class_names=CLASSES,
+                                            min_prob=0.5, max_per_class=4, seed=1)):
+        kept, report = build()
+        assert report.kept == {"none": 4, "random": 4, "scratch": 1, "ring": 1}  # Random+Scratch is a scratch
+        kept_labels = kept.column("wafer_label").to_pylist()
+        assert kept_labels.count("None") == 4 and sum(x.lower() == "random" for x in kept_labels) == 4
+
+
 def test_wafer_label_table_checks_its_input() -> None:
     with pytest.raises(ValueError, match="wafer_label column"):
         wafer_label_table(_table(["Scratch"]).drop_columns(["wafer_label"]), class_names=CLASSES)
