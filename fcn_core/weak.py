@@ -201,8 +201,8 @@ def wafer_label_table(
 ) -> tuple[pa.Table, WeakLabelReport]:
     """Rows for ``weak_labels=wafer_labels`` (``fcn_core.weak_loss``): a usable dataset label (mixes
     included; unlabelled and Near-full dropped) and at most ``max_map_side`` dies a side; at most
-    ``max_per_class`` wafers per label pattern set, Random wafers a set of their own (seeded sample). ``label_map`` stays null: the
-    loss reads the wafer label, never a die label."""
+    ``max_per_class`` wafers per label pattern set, Random wafers a set of their own (seeded sample).
+    ``label_map`` stays null: the loss reads the wafer label, never a die label."""
     if "wafer_label" not in table.column_names:
         raise ValueError("wafer-level training needs a wafer_label column (the dataset's wafer-level label)")
     allowed = label_patterns(table, class_names)
@@ -224,9 +224,9 @@ def _pattern_sets(table: pa.Table, allowed: list[set[int] | None], class_names: 
                   report: WeakLabelReport, *, fits: Sequence[bool] | None = None) -> dict[str, list[int]]:
     """Row indices by label pattern set ('none', 'ring', 'local zone+ring', ...), with wafers labelled
     Random in a group of their own ('random'): dense random fails without a pattern are a condition
-    of their own, 1 in 45 of the no-pattern wafers, and drowned among the None wafers the model
-    saw too few of them to leave such maps background. Rows whose label is unusable (``allowed``
-    None: unlabelled, Near-full) are counted in ``report.dropped`` by label; rows with ``fits``
+    of their own, 1 in 45 of the no-pattern wafers; sampled with the None wafers, too few of them
+    are kept for the model to learn to leave such maps background. Rows whose label is unusable
+    (``allowed`` None: unlabelled, Near-full) are counted in ``report.dropped`` by label; rows with ``fits``
     False are left out too (the caller says why in ``report.dropped``)."""
     labels = table.column("wafer_label").to_pylist()
     groups: dict[str, list[int]] = {}

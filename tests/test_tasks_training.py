@@ -161,7 +161,10 @@ def test_both_masks_exactly_the_joint_stages_real_maps_inside_their_labels(prefe
     weak_train = read_parquet(real["paths"]["weak_train"])
     assert weak_train.column("label_map").null_count == weak_train.num_rows  # wafer labels only, so far
     dest = tmp_path / "d" / "weak_train_masked.parquet"
-    counts = pseudo_label_task(cfg=cfg, checkpoint=str(ckpt), real_train_path=real["paths"]["weak_train"],
+    # a cap of 1 per pattern set would drop rows if the masks were capped again: they must not be
+    tighter = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "finetune": cfg.train.finetune.model_copy(update={"max_per_class": 1})})})
+    counts = pseudo_label_task(cfg=tighter, checkpoint=str(ckpt), real_train_path=real["paths"]["weak_train"],
                                dest=str(dest))
     masked = read_parquet(dest)
     # the very rows the wafer-level loss trains on (already capped: not capped again), and nothing synthetic
