@@ -8,7 +8,9 @@ thresholds (``--calib``: wm, mixed, joint) and print one JSON line of measured s
 test mean IU (fail dies), WM-811K accuracy / macro-F1 / die purity / false alarms, MixedWM38
 exact-set match / macro-F1. Diagnostics: ``--no-shape`` (no scratch shape rule), ``--shape-gap N``
 (group scratch dies across N-die gaps), ``--tta flip2|rot4|dihedral8`` (test-time augmentation of each map before padding),
-``--synth-train`` (another synthetic train file, e.g. the broad generator's).
+``--synth-train`` (another synthetic train file, e.g. the broad generator's). Pseudo-masks (``pseudo``,
+``both``) follow the default config's ``pseudo_line_seed`` and ``pseudo_refresh_after`` unless
+``--line-seed P`` (0: off; ``--seed-elong``, ``--seed-min-dies``) or ``--refresh-at E[,E...]`` (0: never) say otherwise.
 
     python -m bench.real_training --run var/runs/<key> --epochs 8
 """
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from fcn_core.checkpoint import load_model
-from fcn_core.config import load_config
+from fcn_core.config import LineSeedConfig, load_config
 from fcn_core.data import WaferSet, balanced_class_weights, class_frequencies
 from fcn_core.evaluate import evaluate, evaluate_real
 from fcn_core.padding import IGNORE_INDEX
@@ -30,7 +32,7 @@ from fcn_core.scorer import Scorer
 from fcn_core.table import read_parquet
 from fcn_core.train import make_optimizer, warmup_cosine
 from fcn_core.verdicts import die_purity, false_alarm_share, multilabel_scores, PATTERN_SEPARATOR, NONE
-from fcn_core.weak import label_patterns
+from fcn_core.weak import LineSeed, label_patterns, pseudo_mask_table
 from fcn_core.weak_loss import label_sets, weak_map_loss
 
 p = argparse.ArgumentParser()
@@ -58,6 +60,12 @@ p.add_argument("--mode", default="mil", choices=["mil", "pseudo", "both"])
 p.add_argument("--tta", default=None, choices=["flip2", "rot4", "dihedral8"])
 p.add_argument("--random-group", action="store_true", help="Random wafers capped as their own group, not with None")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--line-seed", type=float, default=None, help="pseudo-masks: a labelled scratch's dies with at least this "
+               "scratch softmax in long thin groups are taught scratch (0: off; default: the config's)")
+p.add_argument("--seed-elong", type=float, default=None)
+p.add_argument("--seed-min-dies", type=int, default=None)
+p.add_argument("--refresh-at", type=lambda v: [int(x) for x in v.split(",") if int(x)], default=None,
+               help="redraw the pseudo-masks from the model being trained after these epochs (0: never; default: the config's)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -93,14 +101,29 @@ for key, rows in sorted(groups.items()):
 keep.sort()
 print("real kept", len(keep), {"+".join(map(str, k)) or "none": min(a.cap, len(v)) for k, v in sorted(groups.items())})
 sample = real.take(pa.array(keep))
+ft = cfg.train.finetune
+seed_cfg = ft.pseudo_line_seed
+if a.line_seed is not None or a.seed_elong is not None or a.seed_min_dies is not None:
+    base = seed_cfg or LineSeedConfig()
+    seed_cfg = None if a.line_seed == 0 else base.model_copy(update={k: v for k, v in (
+        ("min_prob", a.line_seed), ("min_elongation", a.seed_elong), ("min_dies", a.seed_min_dies)) if v is not None})
+line_seed = LineSeed.from_config(seed_cfg, cfg.class_names)
+refresh_at = a.refresh_at if a.refresh_at is not None else [e for e in [ft.refresh_epoch_of(a.epochs)] if e]
+
+
+def draw_masks():
+    pm, rep = pseudo_mask_table(sample, model, class_names=cfg.class_names, min_prob=ft.pseudo_min_prob,
+                                line_seed=line_seed)
+    model.train()
+    assert pm["wafer_id"].to_pylist() == sample["wafer_id"].to_pylist()
+    return WaferSet.from_table(pm), rep.dies
+
+
 if a.mode == "mil":
     real_set = WaferSet.from_table(sample.drop(["label_map"]).append_column("label_map", pa.nulls(len(keep), pa.binary())))
 else:
-    from fcn_core.weak import pseudo_mask_table
-    pm, rep = pseudo_mask_table(sample, model, class_names=cfg.class_names, min_prob=0.6)
-    print("pseudo", rep.dies)
-    assert pm["wafer_id"].to_pylist() == sample["wafer_id"].to_pylist()
-    real_set = WaferSet.from_table(pm)
+    real_set, dies = draw_masks()
+    print("pseudo", dies, "line seed", line_seed, "redrawn after epochs", refresh_at)
 allowed_all, present_all = label_sets([pats[i] for i in keep], cfg.n_classes)
 
 weights = torch.from_numpy(balanced_class_weights(class_frequencies(train, cfg.n_classes)))
@@ -145,6 +168,11 @@ for epoch in range(a.epochs):
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step()
         ls += float(loss_s); n += 1
+    if a.mode != "mil" and epoch + 1 in refresh_at:
+        tr = time.time()
+        real_set, dies = draw_masks()
+        rb = real_batches()  # the next real batch comes from the new masks
+        print("pseudo-masks redrawn", dies, f"{time.time() - tr:.0f}s")
     val = evaluate(model, test, n_classes=cfg.n_classes)
     print(f"epoch {epoch+1} synth {ls/n:.4f} real {lr_/n:.4f} test fail mIU {val.fail_only['mean_iu']:.4f} "
           f"{time.time()-te:.0f}s", flush=True)

@@ -175,6 +175,22 @@ class StageConfig(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class LineSeedConfig(_Strict):
+    """Pseudo-masks for a thin pattern the starting model barely sees (``weak_labels: both``).
+
+    A die-level model trained on synthetic maps gives MixedWM38's long one-die scratches over heavy
+    random fails only 0.1-0.5 scratch probability (and paints them ring beside an edge ring), so the
+    confident-die rule teaches them background or ring. On a wafer whose label names this pattern, a
+    fail die with at least ``min_prob`` of it, in an 8-connected group of at least ``min_dies`` dies
+    and ``min_elongation`` (``fcn_core.shapes``), is taught the pattern instead (docs/real-data.md).
+    """
+
+    class_name: str = Field("scratch", description="the line-shaped pattern (a class name)")
+    min_prob: float = Field(0.05, gt=0, le=1, description="its softmax a die needs (the random fails' is near 0)")
+    min_elongation: float = Field(3.0, ge=1, description="a group of such dies at least this elongated")
+    min_dies: int = Field(4, ge=1, description="...and at least this many dies")
+
+
 class FinetuneConfig(StageConfig):
     """Weak-label fine-tuning on real maps after the last stage (fcn_core.weak).
 
@@ -208,6 +224,12 @@ class FinetuneConfig(StageConfig):
         96, ge=8, description="wafer_labels/both: train on real maps up to this many dies a side (the few larger "
                               "WM-811K maps cost as much as all others together); null: all")
     pseudo_min_prob: float = Field(0.6, gt=0, le=1, description="pseudo_masks/both: softmax a die needs to be taught")
+    pseudo_line_seed: LineSeedConfig | None = Field(
+        default_factory=LineSeedConfig, description="pseudo_masks/both: faint line-shaped dies of a labelled scratch "
+                                                    "are taught scratch too (LineSeedConfig); null: off")
+    pseudo_refresh_after: float | None = Field(
+        0.5, gt=0, lt=1, description="both: once, after this share of the epochs (rounded down), the pseudo-masks "
+                                     "are drawn again from the model being trained (self-training); null: never")
     max_per_class: int | None = Field(
         1000, ge=1, description="cap on weakly labelled wafers per mapped class (WM-811K is 59 % 'none')")
     mix_synthetic: bool = Field(True, description="all_fail_dies / pseudo_masks: train on the synthetic train "
@@ -215,6 +237,18 @@ class FinetuneConfig(StageConfig):
     candidate: bool = Field(
         False, description="make the fine-tuned model the registry candidate rather than the best cascade "
                            "stage: better wafer verdicts on real maps, worse die labels (numbers: README)")
+
+    @property
+    def refresh_epoch(self) -> int | None:
+        """How many epochs run before the pseudo-masks are redrawn, or None: never."""
+        return self.refresh_epoch_of(self.epochs)
+
+    def refresh_epoch_of(self, epochs: int) -> int | None:
+        """:attr:`refresh_epoch` for a stage of ``epochs`` epochs (joint training may run in any stage)."""
+        if self.pseudo_refresh_after is None:
+            return None
+        done = int(epochs * self.pseudo_refresh_after)
+        return done if 1 <= done < epochs else None
 
 
 class TrainConfig(_Strict):
@@ -370,6 +404,14 @@ class Config(_Strict):
         if classes[0].name != "background":
             raise ValueError("class 0 must be 'background'")
         return classes
+
+    @model_validator(mode="after")
+    def _line_seed_names_a_pattern(self) -> "Config":
+        seed = self.train.finetune.pseudo_line_seed
+        if seed is not None and seed.class_name not in self.class_names[1:]:
+            raise ValueError(f"train.finetune.pseudo_line_seed.class_name {seed.class_name!r} is not a pattern class "
+                             f"{self.class_names[1:]}; name one or set train.finetune.pseudo_line_seed: null")
+        return self
 
     # -- derived values -------------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ its share of each batch, so a DDP step sees the same wafers as a single-process 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ from fcn_core.models import build_fcn, from_coarser, load_vgg16_imagenet
 from fcn_core.padding import IGNORE_INDEX, Batch, size_buckets
 from fcn_core.inference.runtime import autocast_for, resolve_device
 from fcn_core.stages import FINETUNE, STAGES
+from fcn_core.weak import LineSeed
 from fcn_core.weak_loss import WeakSet, weak_map_loss
 
 __all__ = ["FINETUNE", "STAGES"]  # re-exported: flows, bench and launch import them from here
@@ -286,6 +288,9 @@ def train_stage(
     when the set carries pseudo-masks, the die cross-entropy on them), weighted by
     ``train.finetune.real_weight``, to the synthetic batch's die-level loss (:func:`stage_logits`).
 
+    A set with pseudo-masks has them drawn again from the model being trained once, after
+    ``train.finetune.pseudo_refresh_after`` of the epochs (:func:`_redraw_masks`).
+
     With ``resume`` an interrupted stage continues from ``last.pt`` (model, optimiser, schedule,
     RNG and history); the best epoch by validation mean IU on fail dies is kept in ``best.pt`` (for
     ``finetune``: the last epoch).
@@ -324,6 +329,15 @@ def train_stage(
         best_score, best_epoch = state["best_val_mean_iu"], state["best_epoch"]
         if info.is_main:
             print(f"[{stage}] resuming from {last_path} at epoch {start_epoch + 1}", flush=True)
+
+    has_masks = weak_set is not None and weak_set.has_masks
+    redraw_after = cfg.train.finetune.refresh_epoch_of(stage_cfg.epochs) if has_masks else None
+    source_path = stage_dir / PSEUDO_SOURCE_FILE
+    if redraw_after is not None and start_epoch >= redraw_after:
+        # Resumed past the redraw: draw from the weights the interrupted run drew from, as it did.
+        source = copy.deepcopy(model)  # not a new model: building one would draw from the restored RNG
+        source.load_state_dict(load_checkpoint(source_path, map_location=device)["model"])
+        weak_set, _ = _redraw_masks(cfg, weak_set, source, device)
 
     net: nn.Module = model
     if info.world_size > 1:
@@ -397,6 +411,13 @@ def train_stage(
                 "wafers_per_s": epoch_wafers * info.world_size / max(1e-9, epoch_seconds),
                 "epoch_seconds": epoch_seconds,
             }
+            if redraw_after is not None and epoch + 1 == redraw_after:
+                if info.is_main:
+                    save_checkpoint(source_path, {"stage": stage, "epoch": epoch, "model": model_state(model)})
+                weak_set, taught = _redraw_masks(cfg, weak_set, model, device)
+                record.update({f"pseudo_redrawn_dies_{key}": value for key, value in taught.items()})
+                if info.is_main:
+                    print(f"[{stage}] pseudo-masks redrawn from epoch {epoch + 1}: fail dies {taught}", flush=True)
             history.append(record)
             improved = not math.isnan(record["val_mean_iu"]) and record["val_mean_iu"] > best_score
             if stage == FINETUNE:  # its aim is real maps, which synthetic validation cannot judge: keep the last
@@ -426,6 +447,21 @@ def train_stage(
         best_val_mean_iu=float(best_score) if best_score != -math.inf else float("nan"), history=history,
         seconds=train_seconds, wafers_per_s=wafers_seen / train_seconds if train_seconds else 0.0,
     )
+
+
+PSEUDO_SOURCE_FILE = "pseudo_source.pt"  # the weights a stage's pseudo-masks were redrawn from (for resume)
+
+
+def _redraw_masks(cfg: Config, weak_set: WeakSet, model: nn.Module,
+                  device: torch.device) -> tuple[WeakSet, dict[str, int]]:
+    """Self-training: the real maps' pseudo-masks drawn again from ``model`` by the same rule as the
+    first ones (``train.finetune.pseudo_min_prob``, ``pseudo_line_seed``). Once, mid-stage: the model
+    has learnt from the first masks by then (MixedWM38 exact-set +0.06-0.09 measured, docs/real-data.md);
+    every other epoch drifted (ring F1 fell)."""
+    ft = cfg.train.finetune
+    return weak_set.redrawn(model, min_prob=ft.pseudo_min_prob,
+                            line_seed=LineSeed.from_config(ft.pseudo_line_seed, cfg.class_names),
+                            device=device, multiple=cfg.data.pad_multiple, fixed=cfg.data.pad_fixed)
 
 
 def train_all_stages(

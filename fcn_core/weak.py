@@ -1,9 +1,11 @@
 """Weak labels for real wafer maps, and the fine-tune / held-out split they need.
 
-Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks. The default,
-``train.finetune.weak_labels: wafer_labels`` (:func:`wafer_label_table` + ``fcn_core.weak_loss``),
-never invents die targets: it trains a wafer-level loss jointly with the synthetic die loss. Two
-older ways turn the label into die targets:
+Real maps (WM-811K, MixedWM38) carry one label per wafer, no per-die masks.
+``train.finetune.weak_labels: wafer_labels`` (:func:`wafer_label_table` + ``fcn_core.weak_loss``)
+never invents die targets: it trains a wafer-level loss jointly with the synthetic die loss. The
+default, ``both``, adds the pseudo-masks below as die targets of the same real maps (redrawn once
+mid-stage from the model being trained: ``WeakSet.redrawn``). Two ways turn the label into die
+targets:
 
 - ``all_fail_dies`` (:func:`weak_label_table`): every fail die of a single-label wafer gets that
   label's class (``Edge-Ring`` -> ring, ...), every fail die of a ``None``/``Random`` wafer
@@ -12,7 +14,9 @@ older ways turn the label into die targets:
   real map; a fail die is taught pattern k only if k is among the wafer's labelled patterns and the
   model gives k at least ``min_prob``; a die it confidently calls background is taught background;
   every other fail die is ignored (``IGNORE_LABEL``, never taught). ``None``/``Random`` wafers teach
-  background on every fail die. Mixes are kept: each labelled pattern may be taught.
+  background on every fail die. Mixes are kept: each labelled pattern may be taught. A ``LineSeed``
+  also teaches a labelled scratch's faint dies when they form a line (thin patterns the starting
+  model barely sees would otherwise never be taught).
 
 ``IGNORE_LABEL`` (255) lives only in the internal fine-tune file: ``fcn_core.padding.train_targets``
 passes it through as ``IGNORE_INDEX``; user tables with it are rejected by ``fcn_core.validate``.
@@ -33,9 +37,10 @@ import pyarrow as pa
 
 import torch
 
-from fcn_core.config import SplitConfig
+from fcn_core.config import LineSeedConfig, SplitConfig
 from fcn_core.ingest import assign_splits
 from fcn_core.padding import IGNORE_INDEX, collate, size_buckets
+from fcn_core.shapes import group_elongation
 from fcn_core.table import FAIL, die_maps
 from fcn_core.stages import NO_PATTERN
 from fcn_core.verdicts import NONE, PATTERN_SEPARATOR, UNLABELLED, dataset_label_patterns, map_dataset_label
@@ -99,13 +104,38 @@ def weak_label_table(
     return kept, report
 
 
-def pseudo_mask(die: np.ndarray, probs: np.ndarray, allowed: set[int], *, min_prob: float) -> np.ndarray:
+@dataclass(frozen=True)
+class LineSeed:
+    """A labelled line-shaped pattern's faint dies (``fcn_core.config.LineSeedConfig``, by class id)."""
+
+    class_id: int
+    min_prob: float
+    min_elongation: float
+    min_dies: int
+
+    @classmethod
+    def from_config(cls, seed: LineSeedConfig | None, class_names: Sequence[str]) -> "LineSeed | None":
+        if seed is None:
+            return None
+        return cls(list(class_names).index(seed.class_name), seed.min_prob, seed.min_elongation, seed.min_dies)
+
+    def dies(self, die: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Bool map: fail dies with at least ``min_prob`` of the class, in long enough, thin enough groups."""
+        groups, count, elongation = group_elongation((die == FAIL) & (probs[self.class_id] >= self.min_prob))
+        keep = np.zeros(count.size + 1, dtype=bool)
+        keep[1:] = (count >= self.min_dies) & (elongation >= self.min_elongation)
+        return keep[groups]
+
+
+def pseudo_mask(die: np.ndarray, probs: np.ndarray, allowed: set[int], *, min_prob: float,
+                line_seed: LineSeed | None = None) -> np.ndarray:
     """uint8 label map of one real wafer from a model's softmax ``probs`` (C, H, W) over its map.
 
     ``allowed``: the class ids of the wafer's labelled patterns (empty: a None/Random wafer, whose
     fail dies are all taught background). Otherwise a fail die is taught its most likely class if
     that class is background or in ``allowed`` and has at least ``min_prob``; else IGNORE_LABEL.
-    Pass dies and off-wafer cells are 0 (the loss never sees them).
+    ``line_seed``: when its class is in ``allowed``, its :meth:`LineSeed.dies` are taught that class
+    whatever else they would be. Pass dies and off-wafer cells are 0 (the loss never sees them).
     """
     fail = die == FAIL
     if not allowed:
@@ -114,8 +144,21 @@ def pseudo_mask(die: np.ndarray, probs: np.ndarray, allowed: set[int], *, min_pr
     confident = np.take_along_axis(probs, best[None], axis=0)[0] >= min_prob
     teachable = np.isin(best, sorted(allowed | {0})) & confident
     out = np.where(teachable, best, IGNORE_LABEL).astype(np.uint8)
+    if line_seed is not None and line_seed.class_id in allowed:
+        out[line_seed.dies(die, probs)] = line_seed.class_id
     out[~fail] = 0
     return out
+
+
+def taught_dies(die: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, int]:
+    """Fail dies the masks teach background, teach a pattern, and ignore."""
+    taught: Counter = Counter({"background": 0, "pattern": 0, "ignored": 0})
+    for d, m in zip(die, masks):
+        fail = m[d == FAIL]
+        taught["background"] += int((fail == 0).sum())
+        taught["pattern"] += int(((fail > 0) & (fail != IGNORE_LABEL)).sum())
+        taught["ignored"] += int((fail == IGNORE_LABEL).sum())
+    return dict(taught)
 
 
 @torch.no_grad()
@@ -158,6 +201,7 @@ def pseudo_mask_table(
     *,
     class_names: Sequence[str],
     min_prob: float,
+    line_seed: LineSeed | None = None,
     max_per_class: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -178,14 +222,9 @@ def pseudo_mask_table(
     kept = table.take(pa.array(keep, pa.int64()))
     die = die_maps(kept)
     probs = softmax_maps(model, die, device=device, multiple=multiple, fixed=fixed)
-    masks = [pseudo_mask(d, p, allowed[i], min_prob=min_prob) for d, p, i in zip(die, probs, keep)]
-    taught = Counter()
-    for d, m in zip(die, masks):
-        fail = m[d == FAIL]
-        taught["background"] += int((fail == 0).sum())
-        taught["pattern"] += int(((fail > 0) & (fail != IGNORE_LABEL)).sum())
-        taught["ignored"] += int((fail == IGNORE_LABEL).sum())
-    report.dies = dict(taught)
+    masks = [pseudo_mask(d, p, allowed[i], min_prob=min_prob, line_seed=line_seed)
+             for d, p, i in zip(die, probs, keep)]
+    report.dies = taught_dies(die, masks)
     column = kept.schema.get_field_index("label_map")
     kept = kept.set_column(column, kept.schema.field(column), pa.array([m.tobytes() for m in masks], pa.binary()))
     return kept, report

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fcn_core.data import WaferSet
 from fcn_core.padding import Batch
 from fcn_core.table import FAIL
-from fcn_core.weak import label_patterns
+from fcn_core.weak import LineSeed, label_patterns, pseudo_mask, softmax_maps, taught_dies
 
 DEFAULT_TOP_K = 5
 
@@ -115,6 +115,20 @@ class WeakSet:
 
     def __len__(self) -> int:
         return len(self.wafers)
+
+    def redrawn(self, model: torch.nn.Module, *, min_prob: float, line_seed: LineSeed | None = None,
+                device: str | torch.device = "cpu", multiple: int = 32,
+                fixed: int | None = None) -> tuple["WeakSet", dict[str, int]]:
+        """The same maps and labels with pseudo-masks drawn again from ``model`` (self-training, mid-stage),
+        by the rule of ``fcn_core.weak.pseudo_mask``; and the fail dies they teach (``taught_dies``)."""
+        if not self.has_masks:
+            raise ValueError("this set trains on wafer labels only: there are no pseudo-masks to redraw")
+        probs = softmax_maps(model, self.wafers.die, device=device, multiple=multiple, fixed=fixed)
+        patterns = [set(torch.nonzero(row).flatten().tolist()) for row in self.present]
+        masks = [pseudo_mask(d, p, ids, min_prob=min_prob, line_seed=line_seed)
+                 for d, p, ids in zip(self.wafers.die, probs, patterns)]
+        wafers = WaferSet(wafer_ids=list(self.wafers.wafer_ids), die=self.wafers.die, label=masks)
+        return WeakSet(wafers, self.allowed, self.present), taught_dies(self.wafers.die, masks)
 
     def endless_batches(self, *, batch_size: int, seed: int, multiple: int = 32, fixed: int | None = None,
                         augment: bool = True) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:

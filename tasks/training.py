@@ -34,7 +34,7 @@ from fcn_core.train import train_stage
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import (dataset_patterns_string, die_metrics, die_purity, false_alarm_share, map_dataset_label,
                                miss_examples, multilabel_metrics, multilabel_scores)
-from fcn_core.weak import pseudo_mask_table, wafer_label_table, weak_label_table
+from fcn_core.weak import LineSeed, pseudo_mask_table, wafer_label_table, weak_label_table
 from fcn_core.weak_loss import WeakSet
 from tracking import runs
 from tracking import scores as tracking_scores
@@ -170,6 +170,7 @@ def pseudo_label_task(*, cfg: Config, checkpoint: str, real_train_path: str, des
     scorer = scorer_from_checkpoint(checkpoint, device=device)
     weak, report = pseudo_mask_table(read_parquet(real_train_path), scorer.model, class_names=cfg.class_names,
                                      min_prob=ft.pseudo_min_prob,
+                                     line_seed=LineSeed.from_config(ft.pseudo_line_seed, cfg.class_names),
                                      max_per_class=ft.max_per_class if synthetic_path else None,
                                      seed=cfg.train.seed, device=device, multiple=scorer.pad_multiple,
                                      fixed=scorer.pad_fixed)

@@ -196,3 +196,25 @@ def test_a_saved_config_with_a_retired_setting_still_loads():
     assert config_from_dict(saved) == load_config("tiny")
     with pytest.raises(ValueError):
         load_config("tiny", {"train.finetune.holdout_fraction": 0.5})  # not a setting any more
+
+
+@pytest.mark.parametrize("epochs, after, want", [(8, 0.5, 4), (7, 0.5, 3), (2, 0.5, 1), (1, 0.5, None),
+                                                  (8, 0.1, None), (8, None, None), (3, 0.9, 2)])
+def test_the_pseudo_mask_redraw_epoch_is_a_share_of_the_epochs_rounded_down(epochs, after, want):
+    cfg = load_config("default", {"train.finetune.epochs": epochs, "train.finetune.pseudo_refresh_after": after})
+    assert cfg.train.finetune.refresh_epoch == want  # None: never (no epoch before it, or none left after it)
+
+
+def test_the_default_config_seeds_scratch_lines_and_redraws_the_masks_once():
+    ft = load_config("default").train.finetune
+    assert ft.weak_labels == "both" and ft.refresh_epoch == 4
+    assert ft.pseudo_line_seed is not None and ft.pseudo_line_seed.class_name == "scratch"
+
+
+def test_a_line_seed_must_name_a_pattern_class():
+    for bad in ("scrach", "background"):
+        with pytest.raises(ValidationError, match="pseudo_line_seed.class_name .* is not a pattern class"):
+            load_config("default", {"train.finetune.pseudo_line_seed.class_name": bad})
+    assert load_config("default", {"train.finetune.pseudo_line_seed": None}).train.finetune.pseudo_line_seed is None
+    with pytest.raises(ValidationError):
+        load_config("default", {"train.finetune.pseudo_refresh_after": 1.0})  # after every epoch: nothing left

@@ -260,3 +260,64 @@ def test_pseudo_masks_on_the_real_maps_add_a_die_loss_that_teaches(sets, tmp_pat
                                  for m in ("taught", "ignored", None))
     assert all(torch.equal(ignored[k], unmasked[k]) for k in unmasked)  # all-ignored masks: the wafer loss alone
     assert any(not torch.equal(taught[k], unmasked[k]) for k in unmasked)  # so the masks' cross-entropy taught it
+
+
+def _redraw_cfg(epochs: int = 3):
+    return load_config("tiny", {"train.fcn32s.epochs": epochs, "train.num_threads": 2,
+                                "train.max_wafers_per_epoch": 8, "train.fcn32s.batch_size": 4,
+                                "train.finetune.pseudo_refresh_after": 0.5})
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_pseudo_masks_are_redrawn_once_mid_stage_and_a_resumed_stage_redraws_the_same(sets, tmp_path, monkeypatch):
+    from fcn_core.weak_loss import WeakSet
+
+    drawn = []
+    redrawn = WeakSet.redrawn
+
+    def spy(self, model, **kw):
+        out = redrawn(self, model, **kw)
+        drawn.append(out[0].wafers.label)
+        return out
+
+    monkeypatch.setattr(WeakSet, "redrawn", spy)
+    cfg = _redraw_cfg()  # 3 epochs: redrawn after int(3 * 0.5) = 1
+    weak = _weak_set(cfg, masks="taught")
+    full = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / "full",
+                       progress=False, weak_set=weak)
+    assert len(drawn) == 1 and "pseudo_redrawn_dies_pattern" in full.history[0]
+    assert not any(k.startswith("pseudo_") for r in full.history[1:] for k in r)
+    taught = {k[len("pseudo_redrawn_dies_"):]: v for k, v in full.history[0].items() if k.startswith("pseudo_")}
+    assert sum(taught.values()) == sum(int((d == 2).sum()) for d in weak.wafers.die)  # every fail die, once
+    assert load_checkpoint(tmp_path / "full" / "fcn32s" / "pseudo_source.pt")["epoch"] == 0
+    # the masks the later epochs train on are the new ones: they differ from the hand-made first masks
+    assert any(not np.array_equal(a, b) for a, b in zip(drawn[0], weak.wafers.label))
+
+    def stop_after_second(record):
+        if record["epoch"] == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):  # killed after epoch 2 of 3, past the redraw
+        train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / "cut",
+                    progress=False, weak_set=weak, on_epoch=stop_after_second)
+    resumed = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / "cut",
+                          progress=False, weak_set=weak)  # the first masks again: the stage redraws them itself
+    assert len(drawn) == 3 and all(np.array_equal(a, b) for a, b in zip(drawn[2], drawn[0]))
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
+    want, got = load_checkpoint(full.last_checkpoint)["model"], load_checkpoint(resumed.last_checkpoint)["model"]
+    assert all(torch.equal(want[k], got[k]) for k in want)  # as if never interrupted
+
+
+def test_a_stage_without_masks_or_with_the_redraw_off_never_redraws(sets, tmp_path):
+    for name, cfg, weak in [("labels-only", _redraw_cfg(2), _weak_set(_redraw_cfg(2))),
+                            ("off", load_config("tiny", {"train.fcn32s.epochs": 2, "train.num_threads": 2,
+                                                         "train.max_wafers_per_epoch": 8,
+                                                         "train.finetune.pseudo_refresh_after": None}),
+                             _weak_set(_redraw_cfg(2), masks="taught"))]:
+        result = train_stage(cfg, stage="fcn32s", train_set=sets[0], val_set=sets[1], out_dir=tmp_path / name,
+                             progress=False, weak_set=weak)
+        assert len(result.history) == 2 and not any(k.startswith("pseudo_") for r in result.history for k in r)
+        assert not (tmp_path / name / "fcn32s" / "pseudo_source.pt").exists()

@@ -11,8 +11,9 @@ from fcn_core.padding import IGNORE_INDEX, train_targets
 from fcn_core.table import FAIL, NO_DIE, PASS, label_maps, make_table
 from fcn_core.validate import validate_table
 from fcn_core.verdicts import UNLABELLED
-from fcn_core.weak import (IGNORE_LABEL, holdout_mask, pseudo_mask, pseudo_mask_table, wafer_label_table,
-                            weak_label_table)
+from fcn_core.config import LineSeedConfig
+from fcn_core.weak import (IGNORE_LABEL, LineSeed, holdout_mask, pseudo_mask, pseudo_mask_table, taught_dies,
+                            wafer_label_table, weak_label_table)
 
 CLASSES = [c.name for c in DEFAULT_CLASSES]  # background, ring, scratch, local zone, circle
 
@@ -130,6 +131,65 @@ def test_none_wafers_teach_background_and_mixes_allow_several_patterns() -> None
     assert set(np.unique(only_scratch[die == FAIL]).tolist()) == {2, IGNORE_LABEL}
 
 
+# -- line seeds: a labelled scratch's faint dies, where they form a line -----------------------------
+SCRATCH = CLASSES.index("scratch")
+SEED = LineSeed(SCRATCH, min_prob=0.05, min_elongation=3.0, min_dies=4)
+
+
+def _faint_line_wafer() -> tuple[np.ndarray, np.ndarray]:
+    """A 12 x 12 map: a diagonal line of 8 fail dies painted ring (0.8) with 0.1 scratch, a 2 x 2 clump
+    with the same 0.1 scratch, and a lone random fail die at 0.02 scratch. (die, probs)."""
+    die = np.full((12, 12), PASS, np.uint8)
+    probs = np.zeros((len(CLASSES), 12, 12), np.float32)
+    probs[0] = 1.0
+    line = [(2 + k, 1 + k) for k in range(8)]
+    clump = [(1, 9), (1, 10), (2, 9), (2, 10)]
+    for y, x in line + clump:
+        die[y, x] = FAIL
+        probs[:, y, x] = [0.05, 0.8, 0.1, 0.03, 0.02]
+    die[10, 2] = FAIL
+    probs[:, 10, 2] = [0.9, 0.02, 0.02, 0.03, 0.03]
+    return die, probs
+
+
+def test_a_line_seed_keeps_faint_dies_in_long_thin_groups_only() -> None:
+    die, probs = _faint_line_wafer()
+    seeded = SEED.dies(die, probs)
+    assert seeded.sum() == 8 and seeded[2, 1] and seeded[9, 8]  # the diagonal line, all of it
+    assert not seeded[1:3, 9:11].any() and not seeded[10, 2]  # the clump is not elongated; the lone die is faint
+    assert not LineSeed(SCRATCH, 0.2, 3.0, 4).dies(die, probs).any()  # 0.1 is under a 0.2 bar
+    assert not LineSeed(SCRATCH, 0.05, 3.0, 9).dies(die, probs).any()  # 8 dies are not 9
+    assert not SEED.dies(np.where(die == FAIL, PASS, die), probs).any()  # pass dies are never seeds
+
+
+def test_a_line_seed_teaches_a_labelled_scratch_over_a_confident_ring_but_never_an_unlabelled_one() -> None:
+    die, probs = _faint_line_wafer()
+    both = pseudo_mask(die, probs, allowed={1, SCRATCH}, min_prob=0.6, line_seed=SEED)  # Edge-Ring+Scratch
+    plain = pseudo_mask(die, probs, allowed={1, SCRATCH}, min_prob=0.6)
+    line = SEED.dies(die, probs)
+    assert (both[line] == SCRATCH).all() and (plain[line] == 1).all()  # the seed overrides the ring call
+    assert (both[~line] == plain[~line]).all()  # and nothing else: the clump stays ring, the lone die background
+    ring_only = pseudo_mask(die, probs, allowed={1}, min_prob=0.6, line_seed=SEED)  # Edge-Ring: no scratch
+    assert not (ring_only == SCRATCH).any() and (ring_only == plain).all()
+    assert (pseudo_mask(die, probs, allowed=set(), min_prob=0.6, line_seed=SEED) == 0).all()  # None wafer
+
+
+def test_line_seed_from_config_names_the_class_by_id() -> None:
+    assert LineSeed.from_config(None, CLASSES) is None
+    assert LineSeed.from_config(LineSeedConfig(), CLASSES) == LineSeed(SCRATCH, 0.05, 3.0, 4)
+    assert LineSeed.from_config(LineSeedConfig(class_name="circle", min_prob=0.2), CLASSES).class_id == 4
+
+
+def test_taught_dies_counts_fail_dies_only() -> None:
+    die = _die(5)
+    mask = np.zeros(die.shape, np.uint8)
+    fails = np.flatnonzero(die == FAIL)
+    mask.flat[fails[:2]] = 1
+    mask.flat[fails[2]] = IGNORE_LABEL
+    mask.flat[np.flatnonzero(die == PASS)[:3]] = 2  # pass dies: not counted whatever they hold
+    assert taught_dies([die], [mask]) == {"background": 2, "pattern": 2, "ignored": 1}
+
+
 class _Constant(torch.nn.Module):
     """A 'model' whose logits say class ``cls`` everywhere, strongly."""
 
@@ -153,6 +213,10 @@ def test_pseudo_mask_table_keeps_mixes_and_masks_by_label() -> None:
     assert (ring[_die(2) == FAIL] == IGNORE_LABEL).all()  # scratch is not in Edge-Ring
     assert (none[_die(3) == FAIL] == 0).all()
     assert report.dies == {"background": 3, "pattern": 1, "ignored": 2}
+    seeded, _ = pseudo_mask_table(t, _Constant(1), class_names=CLASSES, min_prob=0.6,  # says ring, scratch at 4.5e-5
+                                  line_seed=LineSeed(SCRATCH, 1e-5, 1.0, 1))
+    (mix, ring, none) = label_maps(seeded)
+    assert (mix[_die(1) == FAIL] == SCRATCH).all() and (ring[_die(2) == FAIL] == 1).all()  # seeds: the scratch wafer
     # the public contract still refuses 255 in a user's table
     assert validate_table(weak, n_classes=len(CLASSES)).n_quarantined == 1
 

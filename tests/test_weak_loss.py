@@ -276,3 +276,38 @@ def test_a_labelled_wafer_without_fail_dies_adds_no_presence_term():
     both = weak_map_loss(logits, die, allowed, present)
     alone = weak_map_loss(logits[:1], die[:1], allowed[:1], present[:1])
     assert torch.allclose(both, alone)
+
+
+class _SaysScratch(torch.nn.Module):
+    """A 'model' whose logits say scratch on every position, strongly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], C, *x.shape[2:])
+        logits[:, CLASSES.index("scratch")] = 10.0
+        return logits
+
+
+def test_redrawn_masks_come_from_the_given_model_by_the_pseudo_mask_rule() -> None:
+    from fcn_core.weak import IGNORE_LABEL, pseudo_mask, softmax_maps
+
+    ws = WeakSet.from_table(_masked_table(LABELS, [True] * len(LABELS)), CLASSES)
+    again, taught = ws.redrawn(_SaysScratch(), min_prob=0.6, multiple=8)
+    assert again.has_masks and again.wafers.wafer_ids == ws.wafers.wafer_ids and again.wafers.die is ws.wafers.die
+    assert torch.equal(again.allowed, ws.allowed) and torch.equal(again.present, ws.present)
+    scratch = CLASSES.index("scratch")
+    probs = softmax_maps(_SaysScratch(), ws.wafers.die, multiple=8)
+    for die, mask, pats, p in zip(ws.wafers.die, again.wafers.label, PATTERNS, probs):
+        assert np.array_equal(mask, pseudo_mask(die, p, pats, min_prob=0.6))
+        fail = mask[die == FAIL]
+        want = 0 if not pats else scratch if scratch in pats else IGNORE_LABEL  # never outside the label
+        assert (fail == want).all()
+    n_fail = sum(int((d == FAIL).sum()) for d in ws.wafers.die)
+    assert sum(taught.values()) == n_fail and taught["pattern"] == sum(
+        int((d == FAIL).sum()) for d, pats in zip(ws.wafers.die, PATTERNS) if scratch in pats)
+    # the first masks are untouched (the set is redrawn into a new one)
+    assert all(int((m == IGNORE_LABEL).sum()) == 1 for m in ws.wafers.label)
+
+
+def test_a_weak_set_without_masks_has_none_to_redraw() -> None:
+    with pytest.raises(ValueError, match="no pseudo-masks to redraw"):
+        WeakSet.from_table(_weak_table(LABELS), CLASSES).redrawn(_SaysScratch(), min_prob=0.6)
