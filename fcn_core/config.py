@@ -225,8 +225,9 @@ class FinetuneConfig(StageConfig):
                               "WM-811K maps cost as much as all others together); null: all")
     pseudo_min_prob: float = Field(0.6, gt=0, le=1, description="pseudo_masks/both: softmax a die needs to be taught")
     pseudo_line_seed: LineSeedConfig | None = Field(
-        default_factory=LineSeedConfig, description="pseudo_masks/both: faint line-shaped dies of a labelled scratch "
-                                                    "are taught scratch too (LineSeedConfig); null: off")
+        None, description="pseudo_masks/both: a labelled line-shaped pattern's faint dies are taught it too "
+                          "(LineSeedConfig; configs/default.yaml seeds scratch); null: off (it names a class, "
+                          "so class lists without it need no setting)")
     pseudo_refresh_after: float | None = Field(
         0.5, gt=0, lt=1, description="both: once, after this share of the epochs (rounded down), the pseudo-masks "
                                      "are drawn again from the model being trained (self-training); null: never")

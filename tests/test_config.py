@@ -216,5 +216,9 @@ def test_a_line_seed_must_name_a_pattern_class():
         with pytest.raises(ValidationError, match="pseudo_line_seed.class_name .* is not a pattern class"):
             load_config("default", {"train.finetune.pseudo_line_seed.class_name": bad})
     assert load_config("default", {"train.finetune.pseudo_line_seed": None}).train.finetune.pseudo_line_seed is None
+    # off unless a config names its class, so a class list without scratch needs no setting
+    own = Config.model_validate({"classes": [{"id": 0, "name": "background", "color": "k"},
+                                             {"id": 1, "name": "blob", "color": "b"}]})
+    assert own.train.finetune.pseudo_line_seed is None
     with pytest.raises(ValidationError):
         load_config("default", {"train.finetune.pseudo_refresh_after": 1.0})  # after every epoch: nothing left
