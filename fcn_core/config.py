@@ -281,6 +281,15 @@ class TrainConfig(_Strict):
         return value
 
 
+class LineRescueConfig(_Strict):
+    """The shape rule keeps the line through a band (``fcn_core.shapes.LineRescue``)."""
+
+    min_group_dies: int = Field(12, ge=3, description="only groups of at least this many dies hold a line")
+    max_axis_distance: float = Field(1.5, gt=0, description="dies this close to the group's principal axis...")
+    min_line_dies: int = Field(8, ge=3, description="...at least this many of them...")
+    min_line_elongation: float = Field(6.0, ge=1, description="...with a piece at least this elongated")
+
+
 class VerdictConfig(_Strict):
     """Wafer-level verdict from a segmentation: which pattern dominates, if any."""
 
@@ -294,6 +303,10 @@ class VerdictConfig(_Strict):
         default_factory=dict,
         description="shape rule: a pattern's fail dies count only in 8-connected groups at least this elongated "
                     "(fcn_core.shapes; 'scratch: 4' = a scratch is a line of 4+ dies); the others become background")
+    line_rescue: LineRescueConfig | None = Field(
+        None, description="a group the elongation rule drops keeps the dies along its main axis when they form "
+                          "a line (a scratch the network painted with a band of random fails around it); null: "
+                          "off; configs/default.yaml turns it on")
     dies_follow_patterns: bool = Field(
         True, description="a fail die keeps a pattern only when the wafer's verdict finds that pattern (the "
                           "patterns column); the dies of a pattern too small to count become background, so maps, "
@@ -337,6 +350,10 @@ class VerdictConfig(_Strict):
         if self.min_elongation_by_class:
             text += "; groups at least this elongated: " + ", ".join(
                 f"{n} {v:g}" for n, v in sorted(self.min_elongation_by_class.items()))
+            if self.line_rescue is not None:
+                r = self.line_rescue
+                text += (f" (a dropped group of {r.min_group_dies}+ keeps the dies within {r.max_axis_distance:g} "
+                         f"of its axis if {r.min_line_dies}+ of them form a line of elongation {r.min_line_elongation:g}+)")
         return text
 
 

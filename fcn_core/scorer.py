@@ -203,7 +203,8 @@ class Scorer:
 
     def _with_fitted(self, fitted: VerdictConfig) -> Scorer:
         """This scorer with fitted thresholds; the rules calibration does not search stay as they were."""
-        return self.with_verdict(fitted.model_copy(update={"dies_follow_patterns": self.verdict.dies_follow_patterns}))
+        return self.with_verdict(fitted.model_copy(update={"dies_follow_patterns": self.verdict.dies_follow_patterns,
+                                                            "line_rescue": self.verdict.line_rescue}))
 
     # -- bundles ------------------------------------------------------------------------------
     def to_bundle(self) -> dict[str, Any]:

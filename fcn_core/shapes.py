@@ -15,6 +15,7 @@ row, 4 for four in a row, and more for a diagonal line of the same count.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -54,12 +55,51 @@ def group_elongation(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return groups, count.astype(np.int64), np.sqrt(l1 / l2)
 
 
+@dataclass(frozen=True)
+class LineRescue:
+    """Keep the line through a group too compact for its class's elongation rule.
+
+    On noisy maps the network paints a scratch's random-fail neighbours scratch too: the group is a
+    band, not a line, and the elongation rule would drop it, line included. For a dropped group of
+    at least ``min_group_dies`` dies, the dies within ``max_axis_distance`` of its principal axis
+    are kept when, judged alone, one of their 8-connected pieces (3+ dies) reaches
+    ``min_line_elongation`` and they number ``min_line_dies``; of those, the pieces (3+ dies) that
+    pass the class's own rule keep the class. A square clump's strip is not elongated: it stays dropped.
+    """
+
+    min_group_dies: int = 12
+    max_axis_distance: float = 1.5
+    min_line_dies: int = 8
+    min_line_elongation: float = 6.0
+
+    def line_of(self, ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], min_elongation: float) -> np.ndarray:
+        """Bool map (``shape``) of the dies of one group (``ys``, ``xs``) kept as a line; all False if none."""
+        kept = np.zeros(shape, dtype=bool)
+        if ys.size < self.min_group_dies:
+            return kept
+        dy, dx = ys - ys.mean(), xs - xs.mean()
+        _, vectors = np.linalg.eigh(np.cov(np.stack([dy, dx])))
+        ay, ax = vectors[:, 1]  # the principal axis (largest eigenvalue)
+        near = np.abs(dy * ax - dx * ay) <= self.max_axis_distance
+        if near.sum() < self.min_line_dies:
+            return kept
+        kept[ys[near], xs[near]] = True
+        groups, count, elongation = group_elongation(kept)
+        pieces = count >= 3
+        if not pieces.any() or elongation[pieces].max() < self.min_line_elongation - _TOLERANCE:
+            return np.zeros(shape, dtype=bool)
+        keep = np.zeros(count.size + 1, dtype=bool)
+        keep[1:] = pieces & (elongation >= min_elongation - _TOLERANCE)
+        return keep[groups]
+
+
 def apply_min_elongation(pred: np.ndarray, die: np.ndarray, rules: Mapping[int, float], *,
-                         inplace: bool = False) -> np.ndarray:
+                         inplace: bool = False, rescue: LineRescue | None = None) -> np.ndarray:
     """Relabel as background (0) the fail dies of class ``c`` in groups less elongated than ``rules[c]``.
 
     ``pred`` holds class ids, ``die`` the die states; only fail dies are grouped and judged (pass
-    dies are background anyway). Applying the rule twice changes nothing more: whole groups go.
+    dies are background anyway). ``rescue``: a dropped group keeps its :meth:`LineRescue.line_of`.
+    Applying the rule twice changes nothing more: whole groups go, and a kept line passes the rule.
     """
     if pred.shape != die.shape:
         raise ValueError(f"prediction {pred.shape} and die map {die.shape} differ in shape")
@@ -69,8 +109,13 @@ def apply_min_elongation(pred: np.ndarray, die: np.ndarray, rules: Mapping[int, 
         mask = fail & (out == class_id)
         if min_elongation <= 1.0 or not mask.any():
             continue
-        groups, _, elongation = group_elongation(mask)
+        groups, count, elongation = group_elongation(mask)
         too_short = np.flatnonzero(elongation < min_elongation - _TOLERANCE) + 1
-        if too_short.size:
-            out[np.isin(groups, too_short)] = 0
+        if not too_short.size:
+            continue
+        out[np.isin(groups, too_short)] = 0
+        if rescue is not None:
+            for group in too_short[count[too_short - 1] >= rescue.min_group_dies]:  # the others hold no line
+                ys, xs = np.nonzero(groups == group)
+                out[rescue.line_of(ys, xs, out.shape, min_elongation)] = class_id
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .config import VerdictConfig
-from .shapes import apply_min_elongation
+from .shapes import LineRescue, apply_min_elongation
 from .stages import NO_PATTERN
 from .table import FAIL
 
@@ -298,7 +298,8 @@ def shaped_maps(
     rules = verdict.elongation_rules(list(class_names))
     if not rules:
         return list(pred_maps)
-    return [apply_min_elongation(p, d, rules, inplace=inplace) for p, d in zip(pred_maps, die_maps)]
+    rescue = None if verdict.line_rescue is None else LineRescue(**verdict.line_rescue.model_dump())
+    return [apply_min_elongation(p, d, rules, inplace=inplace, rescue=rescue) for p, d in zip(pred_maps, die_maps)]
 
 
 def follow_patterns(

@@ -222,3 +222,13 @@ def test_a_line_seed_must_name_a_pattern_class():
     assert own.train.finetune.pseudo_line_seed is None
     with pytest.raises(ValidationError):
         load_config("default", {"train.finetune.pseudo_refresh_after": 1.0})  # after every epoch: nothing left
+
+
+def test_the_line_rescue_is_off_unless_a_config_turns_it_on_and_describe_says_so():
+    from fcn_core.config import VerdictConfig
+
+    assert VerdictConfig().line_rescue is None and load_config("tiny").verdict.line_rescue is None
+    verdict = load_config("default").verdict
+    assert verdict.line_rescue is not None and verdict.line_rescue.max_axis_distance == 1.5
+    assert "keeps the dies within 1.5 of its axis" in verdict.describe()
+    assert "axis" not in verdict.model_copy(update={"line_rescue": None}).describe()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fcn_core.checkpoint import model_state, save_checkpoint
-from fcn_core.config import VerdictConfig, load_config
+from fcn_core.config import LineRescueConfig, VerdictConfig, load_config
 from fcn_core.inference.packed import predict_maps
 from fcn_core.models import build_fcn
 from fcn_core.scorer import NotAScorerError, Scorer, load_scorer, save_scorer, scorer_from_checkpoint
@@ -138,10 +138,12 @@ def test_calibration_reads_every_pattern_and_keeps_dies_follow_patterns(cfg, tab
     labels = [names.get(x) for x in table.column("wafer_label").to_pylist()]
     fits = {}
     for follow in (True, False):
-        rules = cfg.verdict.model_copy(update={"min_dies": 10_000, "dies_follow_patterns": follow})
+        rules = cfg.verdict.model_copy(update={"min_dies": 10_000, "dies_follow_patterns": follow,
+                                               "line_rescue": LineRescueConfig(min_group_dies=20 + follow)})
         calibrated, f1 = Scorer(_model(cfg), rules, cfg).calibrated(die_maps(table), labels, source="part")
         assert calibrated.verdict.dies_follow_patterns == follow  # not searched: kept as it was
-        fits[follow] = (calibrated.verdict.model_dump(exclude={"dies_follow_patterns"}), f1)
+        assert calibrated.verdict.line_rescue == rules.line_rescue  # a shape rule, not searched: kept too
+        fits[follow] = (calibrated.verdict.model_dump(exclude={"dies_follow_patterns", "line_rescue"}), f1)
     assert fits[True] == fits[False] and fits[True][1] > 0.2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fcn_core.shapes import apply_min_elongation, group_elongation
+from fcn_core.shapes import LineRescue, apply_min_elongation, group_elongation
 
 S = 2  # scratch in the default classes
 
@@ -57,3 +57,45 @@ def test_compact_scratch_groups_go_to_background_lines_stay() -> None:
     assert np.array_equal(view, out)
     with pytest.raises(ValueError, match="differ in shape"):
         apply_min_elongation(pred, die[:5], {S: 4.0})
+
+
+def _line_in_a_band(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 30 x 30 all-fail map painted scratch on a diagonal line of 18 dies and on a third of the dies
+    of a band 9 dies wide either side of it (random fails the network painted with it): the line and most
+    of the band are one 8-connected group, far from elongated enough. (pred, die, line mask)."""
+    rng = np.random.default_rng(seed)
+    die = np.full((30, 30), 2, np.uint8)
+    yy, xx = np.mgrid[:30, :30]
+    line = (yy == xx) & (yy >= 6) & (yy < 24)
+    band = (np.abs(yy - xx) <= 9) & (yy >= 6) & (yy < 24) & (rng.random((30, 30)) < 0.35)
+    pred = np.where(line | band, S, 0).astype(np.uint8)
+    return pred, die, line
+
+
+def test_a_line_through_a_band_is_rescued_and_only_dies_along_its_axis_are_kept() -> None:
+    pred, die, line = _line_in_a_band()
+    _, count, elongation = group_elongation(pred == S)
+    assert elongation[count.argmax()] < 4.0  # the band (the line in it) is one compact group
+    assert not (apply_min_elongation(pred, die, {S: 4.0})[line] == S).any()  # dropped, line included
+    rescue = LineRescue()
+    out = apply_min_elongation(pred, die, {S: 4.0}, rescue=rescue)
+    kept = out == S
+    yy, xx = np.nonzero(kept)
+    assert kept.sum() >= rescue.min_line_dies and (kept & line).sum() == line.sum()  # the whole line
+    assert (np.abs(yy - xx) <= 3).all()  # a strip along the group's (fitted) axis: no band die far from the line
+    _, _, kept_elongation = group_elongation(kept)
+    assert (kept_elongation >= 4.0).all()
+    assert np.array_equal(apply_min_elongation(out, die, {S: 4.0}, rescue=rescue), out)  # idempotent
+    # a group smaller than min_group_dies, or a line shorter than min_line_dies, is not rescued
+    plain = apply_min_elongation(pred, die, {S: 4.0})
+    assert np.array_equal(apply_min_elongation(pred, die, {S: 4.0}, rescue=LineRescue(min_group_dies=1000)), plain)
+    assert np.array_equal(apply_min_elongation(pred, die, {S: 4.0}, rescue=LineRescue(min_line_dies=1000)), plain)
+
+
+def test_a_compact_clump_keeps_no_line() -> None:
+    die = np.full((12, 12), 2, np.uint8)
+    pred = np.zeros((12, 12), np.uint8)
+    pred[2:9, 2:9] = S  # a 7 x 7 clump: its axis strip is 3 wide and 7 long, not a line
+    assert not (apply_min_elongation(pred, die, {S: 4.0}, rescue=LineRescue()) == S).any()
+    pred[10, 0:12] = 3  # another class is never touched
+    assert (apply_min_elongation(pred, die, {S: 4.0}, rescue=LineRescue())[10] == 3).all()
