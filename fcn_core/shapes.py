@@ -55,6 +55,14 @@ def group_elongation(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return groups, count.astype(np.int64), np.sqrt(l1 / l2)
 
 
+def long_groups(mask: np.ndarray, *, min_dies: int, min_elongation: float) -> np.ndarray:
+    """The positions of ``mask`` in 8-connected groups of at least ``min_dies`` dies and ``min_elongation``."""
+    groups, count, elongation = group_elongation(mask)
+    keep = np.zeros(count.size + 1, dtype=bool)
+    keep[1:] = (count >= min_dies) & (elongation >= min_elongation - _TOLERANCE)
+    return keep[groups]
+
+
 @dataclass(frozen=True)
 class LineRescue:
     """Keep the line through a group too compact for its class's elongation rule.
@@ -84,13 +92,9 @@ class LineRescue:
         if near.sum() < self.min_line_dies:
             return kept
         kept[ys[near], xs[near]] = True
-        groups, count, elongation = group_elongation(kept)
-        pieces = count >= 3
-        if not pieces.any() or elongation[pieces].max() < self.min_line_elongation - _TOLERANCE:
+        if not long_groups(kept, min_dies=3, min_elongation=self.min_line_elongation).any():
             return np.zeros(shape, dtype=bool)
-        keep = np.zeros(count.size + 1, dtype=bool)
-        keep[1:] = pieces & (elongation >= min_elongation - _TOLERANCE)
-        return keep[groups]
+        return long_groups(kept, min_dies=3, min_elongation=min_elongation)
 
 
 def apply_min_elongation(pred: np.ndarray, die: np.ndarray, rules: Mapping[int, float], *,

@@ -40,7 +40,7 @@ import torch
 from fcn_core.config import LineSeedConfig, SplitConfig
 from fcn_core.ingest import assign_splits
 from fcn_core.padding import IGNORE_INDEX, collate, size_buckets
-from fcn_core.shapes import group_elongation
+from fcn_core.shapes import long_groups
 from fcn_core.table import FAIL, die_maps
 from fcn_core.stages import NO_PATTERN
 from fcn_core.verdicts import NONE, PATTERN_SEPARATOR, UNLABELLED, dataset_label_patterns, map_dataset_label
@@ -121,10 +121,8 @@ class LineSeed:
 
     def dies(self, die: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """Bool map: fail dies with at least ``min_prob`` of the class, in long enough, thin enough groups."""
-        groups, count, elongation = group_elongation((die == FAIL) & (probs[self.class_id] >= self.min_prob))
-        keep = np.zeros(count.size + 1, dtype=bool)
-        keep[1:] = (count >= self.min_dies) & (elongation >= self.min_elongation)
-        return keep[groups]
+        return long_groups((die == FAIL) & (probs[self.class_id] >= self.min_prob), min_dies=self.min_dies,
+                           min_elongation=self.min_elongation)
 
 
 def pseudo_mask(die: np.ndarray, probs: np.ndarray, allowed: set[int], *, min_prob: float,
